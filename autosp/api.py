@@ -1,0 +1,87 @@
+"""Public entry points: ``compile``, ``prepare_inputs`` (and DeepSpeed's ``prepare_autosp_inputs``)."""
+from __future__ import annotations
+
+import torch
+from torch._dynamo.exc import BackendCompilerFailed, Unsupported
+
+from autosp import collectives
+from autosp.backend import make_backend
+from autosp.config import SPConfig
+from autosp.errors import AutoSPError
+
+GROUP_KEY = "autosp"
+
+
+def _mark(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """A new alias of ``t`` with its sequence dim marked dynamic (the caller's tensor is untouched)."""
+    if t.dim() <= seq_dim:
+        raise AutoSPError(f"a sequence input of shape {tuple(t.shape)} has no dim {seq_dim}")
+    if t.shape[seq_dim] < 2:
+        raise AutoSPError(f"sequence length {t.shape[seq_dim]} is too short (need at least 2)")
+    alias = t.view(t.shape)
+    torch._dynamo.mark_dynamic(alias, seq_dim)
+    return alias
+
+
+def prepare_inputs(*tensors: torch.Tensor | None, seq_dim: int = 1):
+    """Mark the sequence dim of each tensor (None passes through); returns new aliases."""
+    return tuple(None if t is None else _mark(t, seq_dim) for t in tensors)
+
+
+def prepare_autosp_inputs(input_id, label_id, position_id=None, attention_mask=None, seq_dim=1):
+    """DeepSpeed's signature; the returned tensors are marked aliases (the inputs are untouched)."""
+    if input_id is None or label_id is None:
+        raise AutoSPError("input_id and label_id are required")
+    return prepare_inputs(input_id, label_id, position_id, attention_mask, seq_dim=seq_dim)
+
+
+class CompiledSP:
+    """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
+
+    def __init__(self, model, config: SPConfig, compile_kwargs):
+        self.model, self.config = model, config
+        compile_kwargs.setdefault("fullgraph", True)
+        self._compiled = torch.compile(model, backend=make_backend(config, GROUP_KEY), **compile_kwargs)
+
+    def _mark_inputs(self, args, kwargs):
+        seq_dim, names = self.config.seq_dim, self.config.sequence_inputs
+        args = list(args)
+        first = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+        if first is not None:
+            args[first] = _mark(args[first], seq_dim)
+        kwargs = {k: _mark(v, seq_dim) if k in names and isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
+        lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()] if hasattr(t, "_dynamo_dynamic_indices")}
+        if len(lengths) > 1:
+            raise AutoSPError(f"sequence inputs disagree on the length along dim {seq_dim}: {sorted(lengths)}")
+        return args, kwargs, lengths.pop() if lengths else None
+
+    def __call__(self, *args, **kwargs):
+        group = self.config.resolve_group()
+        collectives.register_group(GROUP_KEY, group, thread_local=True)
+        args, kwargs, length = self._mark_inputs(args, kwargs)
+        size = torch.distributed.get_world_size(group)
+        if length is not None and length % size and self.config.padding == "error":
+            raise AutoSPError(f"sequence length {length} is not divisible by the group size {size} "
+                              "(padding='error')")
+        try:
+            return self._compiled(*args, **kwargs)
+        except BackendCompilerFailed as e:
+            if isinstance(e.inner_exception, AutoSPError):
+                raise e.inner_exception.with_traceback(None) from None
+            raise
+        except Unsupported as e:
+            raise AutoSPError(f"the model does not compile to one graph (graph break): {e}") from None
+
+
+def compile(model, *, group=None, backend="inductor", config: SPConfig | None = None, **torch_compile_kwargs):
+    """Compile ``model`` for Ulysses sequence parallelism over ``group`` (default: the world).
+
+    Returns a callable taking the same arguments as the model. Every rank passes the FULL batch;
+    the compiled graph takes this rank's part of the sequence. The loss is the one of the whole
+    sequence on every rank; outputs that carry the sequence (logits) come back as this rank's
+    chunk (``autosp.gather_sequence`` reassembles them). Gradients must be summed over the group.
+    """
+    if config is None:
+        config = SPConfig(group=group, backend=backend)
+    return CompiledSP(model, config, dict(torch_compile_kwargs))

@@ -1,0 +1,53 @@
+"""The "autosp" torch.compile backend: Dynamo graph -> passes -> inner backend.
+
+``torch.compile(model, backend="autosp")`` uses the world group and the defaults of SPConfig
+(the sequence inputs must be marked with ``autosp.prepare_inputs``); ``autosp.compile`` builds a
+backend for its own config. Nothing here runs a collective: compiling never waits on other ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from autosp import collectives
+from autosp.config import SPConfig
+from autosp.passes.registry import run_passes
+
+
+def _inner_backend(backend):
+    return torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+
+def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
+    def autosp_backend(gm: torch.fx.GraphModule, example_inputs):
+        group = config.resolve_group()
+        if group_key != collectives.WORLD:
+            collectives.register_group(group_key, group)
+        ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
+                         seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug)
+        compiled = _inner_backend(config.backend)(gm, example_inputs)
+        if not ctx.output_layouts:
+            return compiled
+        return _strip_outputs(compiled, ctx, group_key)
+    return autosp_backend
+
+
+def _strip_outputs(compiled, ctx, group_key):
+    """Wrap the compiled graph so sharded outputs come back without padding, at run time."""
+    placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+    seq_index = placeholders.index(ctx.seq.node)
+    symbol, world_size, layouts = ctx.seq.symbol, ctx.world_size, dict(ctx.output_layouts)
+
+    def run(*args):
+        full_len = int(args[seq_index])
+        outs = list(compiled(*args))  # Dynamo calls backends unboxed
+        local_len = -(-full_len // world_size)
+        for i, lay in layouts.items():
+            length = int(lay.length.subs(symbol, full_len))
+            outs[i] = collectives.strip_padding(outs[i], lay.dim, lay.inner, length, local_len, group_key)
+        return outs
+
+    return run
+
+
+autosp_backend = make_backend(SPConfig(backend="inductor"))

@@ -1,0 +1,66 @@
+"""SPConfig: everything AutoSP needs to know besides the model, validated up front."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.distributed as dist
+
+from autosp.errors import AutoSPError
+
+# Keyword inputs that carry the sequence on ``seq_dim`` in HF-style models.
+SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
+                   "token_type_ids", "shift_labels")
+PADDING_POLICIES = ("pad", "error")
+
+
+@dataclass
+class SPConfig:
+    """Configuration of one sequence-parallel compilation.
+
+    group: the sequence-parallel process group (default: the world).
+    mesh, sp_axis: alternatively a DeviceMesh and the name of its sequence-parallel axis
+        (e.g. a DP x SP mesh); the group is ``mesh.get_group(sp_axis)``.
+    seq_dim: the sequence dim of the sequence inputs.
+    padding: "pad" pads a length that the group size does not divide (exact; padding never
+        reaches the loss or real tokens' attention); "error" refuses such a length instead.
+    backend: the torch.compile backend run after the passes ("inductor", "aot_eager", a callable).
+    debug: print the graph diff and counters around each pass.
+    sequence_inputs: keyword inputs marked as carrying the sequence (first positional tensor too).
+    passes: the pass pipeline (names from autosp.passes.registry), for debugging.
+    """
+    group: dist.ProcessGroup | None = None
+    mesh: object | None = None
+    sp_axis: str = "sp"
+    seq_dim: int = 1
+    padding: str = "pad"
+    backend: str | Callable = "inductor"
+    debug: bool = False
+    sequence_inputs: tuple[str, ...] = SEQUENCE_INPUTS
+    passes: tuple[str, ...] = field(default=None)
+
+    def __post_init__(self):
+        from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
+        if self.passes is None:
+            self.passes = DEFAULT_PIPELINE
+        unknown = [p for p in self.passes if p not in PASSES]
+        if unknown:
+            raise AutoSPError(f"unknown passes {unknown}; known: {list(PASSES)}")
+        if self.padding not in PADDING_POLICIES:
+            raise AutoSPError(f"padding must be one of {PADDING_POLICIES}, got {self.padding!r}")
+        if not isinstance(self.seq_dim, int) or self.seq_dim < 0:
+            raise AutoSPError(f"seq_dim must be a non-negative int, got {self.seq_dim!r}")
+        if self.group is not None and self.mesh is not None:
+            raise AutoSPError("give either group or mesh, not both")
+        if not (isinstance(self.backend, str) or callable(self.backend)):
+            raise AutoSPError(f"backend must be a name or a callable, got {self.backend!r}")
+
+    def resolve_group(self) -> dist.ProcessGroup:
+        if not dist.is_initialized():
+            raise AutoSPError("torch.distributed is not initialized: call init_process_group first")
+        if self.mesh is not None:
+            names = getattr(self.mesh, "mesh_dim_names", None) or ()
+            if self.sp_axis not in names:
+                raise AutoSPError(f"mesh has no axis {self.sp_axis!r} (axes: {names})")
+            return self.mesh.get_group(self.sp_axis)
+        return self.group or dist.group.WORLD

@@ -1,0 +1,95 @@
+"""Pass ``attention``: Ulysses all-to-all around every scaled_dot_product_attention.
+
+q, k, v arrive sharded along the sequence ([..., H, S/P, D]); ``seq_to_head`` makes them
+head-sharded over the whole (padded) sequence, attention runs unchanged on this rank's heads, and
+``head_to_seq`` brings the result back. Key/value heads are repeated only as far as needed for
+every rank to hold the kv heads of its query heads (GQA/MQA with fewer kv heads than ranks).
+Query heads that P does not divide are padded with zero heads inside the all-to-all. The full
+attention mask is padded to the padded length (padded keys masked out); without a mask and
+without ``is_causal`` a key-padding mask is added. With ``is_causal`` and the padding at the end,
+real queries never see padded keys.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from autosp.errors import AutoSPError
+from autosp.passes.layout import RULE, SHARDED, SeqLayout, example_value, source_line
+from autosp.passes.rules import _arg
+
+S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
+
+
+def _kv_repeats(q_heads: int, kv_heads: int, world_size: int, gqa: bool) -> tuple[int, bool]:
+    """How often to repeat each kv head, and whether attention still groups queries (GQA)."""
+    if kv_heads == q_heads or not gqa:
+        return 1, gqa
+    if q_heads % world_size == 0 and kv_heads % world_size == 0:
+        return 1, True
+    if q_heads % world_size == 0 and world_size % kv_heads == 0:
+        return world_size // kv_heads, True
+    return q_heads // kv_heads, False
+
+
+def attention(ctx) -> None:
+    P, g = ctx.world_size, ctx.graph
+    for node in list(g.nodes):
+        if node.meta.get(RULE) != "sdpa":
+            continue
+        q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+        nd = example_value(q).dim()
+        seq_dim, head_dim = nd - 2, nd - 3
+        q_heads, kv_heads = int(example_value(q).shape[head_dim]), int(example_value(k).shape[head_dim])
+        if q_heads < P:
+            raise AutoSPError(f"attention {node.name} has {q_heads} query heads, fewer than the "
+                              f"{P} ranks of the sequence-parallel group\n  at {source_line(node)}")
+        gqa = bool(_arg(node, 7, "enable_gqa", False))
+        repeats, gqa = _kv_repeats(q_heads, kv_heads, P, gqa)
+        if q_heads % P and kv_heads != q_heads:  # padded query heads: kv must pad the same way
+            repeats, gqa = q_heads // kv_heads, False
+        mask, is_causal = _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False))
+        mask_value = example_value(mask) if mask is not None else None
+        if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
+            raise AutoSPError(f"attention {node.name} has a per-head mask {tuple(mask_value.shape)}: "
+                              f"not supported yet\n  at {source_line(node)}")
+        with g.inserting_before(node):
+            if repeats > 1:
+                k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
+                ctx.counters["kv_repeat"] += 1
+            q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P)) for t in (q, k, v))
+            mask = _padded_mask(ctx, mask, is_causal)
+            kwargs = dict(attn_mask=mask, dropout_p=_arg(node, 4, "dropout_p", 0.0),
+                          is_causal=is_causal, scale=_arg(node, 6, "scale"), enable_gqa=gqa)
+            attn = g.call_function(node.target, (q2, k2, v2), kwargs)
+            out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P))
+        ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        ctx.counters["all_to_all"] += 4
+        ctx.counters["attention"] += 1
+
+
+def _padded_mask(ctx, mask, is_causal):
+    """The mask for the padded sequence: padded keys never visible, padded queries harmless."""
+    g, S = ctx.graph, ctx.seq.symbol
+    pad = ctx._emit("Sl*P-S", operator.sub, (ctx.padded_len(), ctx.seq.node))
+    if mask is None:
+        if is_causal:
+            return None
+        keys = g.call_function(torch.arange, (ctx.padded_len(),))
+        return g.call_function(operator.lt, (keys, ctx.seq.node))
+    value = example_value(mask)
+    if not isinstance(value, torch.Tensor):
+        return mask
+    shape = value.shape
+    boolean = value.dtype == torch.bool
+    has_seq = [S in getattr(s, "node", None).expr.free_symbols if isinstance(s, torch.SymInt) else False
+               for s in shape]
+    if has_seq[-1]:
+        mask = g.call_function(F.pad, (mask, (0, pad)), {"value": False if boolean else float("-inf")})
+    if len(shape) >= 2 and has_seq[-2]:
+        mask = g.call_function(F.pad, (mask, (0, 0, 0, pad)), {"value": True if boolean else 0.0})
+    return mask

@@ -1,0 +1,54 @@
+"""The pass pipeline: name -> pass, in the documented order (see README.md in this folder).
+
+A pass is ``fn(ctx: PassContext) -> None``: it edits ``ctx.gm`` in place and counts its rewrites
+in ``ctx.counters``. ``layout`` (the analysis) runs first and annotates; the others read it.
+"""
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from typing import Callable
+
+from torch import fx
+
+from autosp.passes.attention import attention
+from autosp.passes.context import PassContext
+from autosp.passes.layout import analyse, find_sequence
+from autosp.passes.loss import loss
+from autosp.passes.outputs import outputs
+from autosp.passes.shard_inputs import shard_inputs
+from autosp.passes.sizes import local_sizes
+
+
+def layout(ctx: PassContext) -> None:
+    analysis = analyse(ctx.gm, ctx.seq, ctx.world_size)
+    ctx.counters["activations"] = len(analysis.activation)
+
+
+PASSES: dict[str, Callable[[PassContext], None]] = {
+    "layout": layout,
+    "shard_inputs": shard_inputs,
+    "local_sizes": local_sizes,
+    "attention": attention,
+    "loss": loss,
+    "outputs": outputs,
+}
+DEFAULT_PIPELINE = tuple(PASSES)
+# Process-wide totals over every graph compiled, for tests and debugging (reset freely).
+COUNTERS: Counter = Counter()
+
+
+def run_passes(gm: fx.GraphModule, *, world_size: int, group: str, seq_dim: int = 1,
+               pipeline=DEFAULT_PIPELINE, debug: bool = False) -> PassContext:
+    ctx = PassContext(gm, find_sequence(gm, seq_dim), world_size, group)
+    for name in pipeline:
+        before = gm.code if debug else None
+        PASSES[name](ctx)
+        gm.graph.lint()
+        gm.recompile()
+        if debug:
+            diff = difflib.unified_diff(before.splitlines(), gm.code.splitlines(), name, name, lineterm="", n=1)
+            print(f"--- autosp pass {name}: {dict(ctx.counters)}\n" + "\n".join(diff))
+    COUNTERS.update(ctx.counters)
+    COUNTERS["graphs"] += 1
+    return ctx

@@ -1,0 +1,224 @@
+"""Per-op layout rules for activations: positional ops, attention, the loss, sums over the sequence.
+
+``apply`` returns the layout of an activation op's result, records a rule name in
+``node.meta["autosp_rule"]`` when a rewrite pass must act on the node, or raises AutoSPError.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from autosp.passes import ops
+from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, example_value,
+                                  layout_of, linear_coeffs, refuse, seq_dims, size_expr)
+
+SEVERAL_DIMS = ("it has the sequence on several dims (like a [S, S] mask or attention scores); "
+                "only scaled_dot_product_attention may take such a value: use attn_implementation='sdpa'")
+
+
+def apply(an, node, sharded) -> SeqLayout:
+    value = example_value(node)
+    if node.target in ops.SDPA:
+        return sdpa(an, node)
+    if node.target in ops.CROSS_ENTROPY:
+        return cross_entropy(an, node)
+    if isinstance(value, (tuple, list)):  # split, chunk, unbind, topk...: one layout per result
+        layouts = []
+        for element in value:
+            dims = seq_dims(element, an.S)
+            if len(dims) > 1:
+                raise refuse(node, "a result " + SEVERAL_DIMS)
+            layouts.append(positional(an, node, dims[0], element) if dims else REPLICATED_LAYOUT)
+        return tuple(layouts)
+    if not isinstance(value, torch.Tensor):
+        if sharded:
+            raise refuse(node, "returns a non-tensor computed from a sequence chunk")
+        return REPLICATED_LAYOUT
+    out_dims = an.dims(node)
+    if len(out_dims) > 1:
+        raise refuse(node, "the result " + SEVERAL_DIMS)
+    if not out_dims:
+        return seq_reduction(an, node) if sharded else REPLICATED_LAYOUT
+    return positional(an, node, out_dims[0], example=value)
+
+
+def _seq_inputs(an, node):
+    return [i for i in node.all_input_nodes
+            if isinstance(example_value(i), torch.Tensor) and an.dims(i)]
+
+
+def positional(an, node, out_dim, example) -> SeqLayout:
+    """Check ``node`` is positional along the sequence and return its (sharded) result layout."""
+    out_ndim = example.dim()
+    sources = _seq_inputs(an, node)
+    length, inner = None, None
+    for src in sources:
+        src_layout = layout_of(src)
+        if src_layout.dim is None:
+            raise refuse(node, f"its input {src.name} " + SEVERAL_DIMS)
+        why = _not_positional(an, node, src, src_layout.dim, out_dim, out_ndim)
+        if why:
+            raise refuse(node, why)
+        if length is None or src_layout.state == SHARDED:
+            length, inner = src_layout.length, src_layout.inner
+    if ops.is_view(node):
+        inner = an.mapped_inner(node, out_dim)
+        if inner is None:
+            raise refuse(node, "the reshape merges the sequence with a dim before it or splits it")
+    if node.op == "call_function" and node.target is operator.getitem:
+        tail = _getitem_tail(an, node)
+        if tail:
+            node.meta[RULE] = "tail_slice"
+            length = length - tail
+    if length is None:  # created with a sequence size (expand, new_zeros) from a replicated value
+        length = an.S
+    coeffs = linear_coeffs(size_expr(example.shape[out_dim]), an.S)
+    if coeffs is None:
+        raise refuse(node, f"the sequence size {example.shape[out_dim]} is not linear in the length")
+    return SeqLayout(SHARDED, out_dim, inner or 1, length)
+
+
+def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
+    """Why ``node`` is not positional along dim ``d`` of input ``src`` (None when it is)."""
+    nd = example_value(src).dim()
+    target = node.target
+    first = node.args[0] if node.args else None
+    if ops.is_pointwise(node):
+        return None if nd - d == out_ndim - out_dim else "broadcasting moves the sequence dim"
+    if ops.is_view(node) or ops.is_relayout(node) or ops.takes_shape_args(node):
+        return None
+    if ops.dim_spec(node) is not None:
+        acting = ops.acting_dims(node, nd)
+        if acting is None or d in acting:
+            return "it reduces, scans, reorders or slices along the sequence"
+        return None
+    if target is operator.getitem:
+        return None if _getitem_seq_item(an, node, d) is not None else \
+            "it selects or slices positions along the sequence"
+    if target in ops.LINEAR:
+        return None if src is first and d != nd - 1 else "the sequence is a contracted dim"
+    if target in ops.MATMUL:
+        a, b = node.args[0], node.args[1]
+        if src is a and d < nd - 1 and (d < nd - 2 or not an.dims(b)):
+            return None
+        if src is b and nd >= 2 and d != nd - 2 and (d < nd - 2 or not an.dims(a)):
+            return None
+        return "the sequence is contracted, or both sides carry it (attention written as matmul)"
+    if target in ops.EMBEDDING:
+        weight = node.args[1] if target is torch.nn.functional.embedding else node.args[0]
+        return None if src is not weight else "the embedding table carries the sequence"
+    if target in ops.NORMS:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        count = len(shape) if isinstance(shape, (list, tuple)) else 1
+        return None if src is first and d < nd - count else "it normalises over the sequence"
+    return "no rule says this op is positional along the sequence (add one to autosp.passes.ops)"
+
+
+def _getitem_items(an, node):
+    index = node.args[1]
+    items = list(index) if isinstance(index, tuple) else [index]
+    nd = example_value(node.args[0]).dim()
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    expanded = []
+    for it in items:
+        if it is Ellipsis:
+            expanded += [slice(None)] * (nd - consumed)
+        else:
+            expanded.append(it)
+    dims = [it for it in expanded if it is not None]
+    dims += [slice(None)] * (nd - len(dims))
+    return expanded, dims
+
+
+def _getitem_seq_item(an, node, d):
+    """The index item applied to input dim ``d`` when it keeps every position (else None)."""
+    _, dims = _getitem_items(an, node)
+    item = dims[d]
+    if not isinstance(item, slice) or item.start not in (None, 0) or item.step not in (None, 1):
+        return None
+    if item.stop is None:
+        return item
+    if isinstance(item.stop, int):
+        return item if item.stop < 0 else None
+    if isinstance(item.stop, fx.Node):
+        full = size_expr(example_value(node.args[0]).shape[d])
+        stop = size_expr(example_value(item.stop))
+        diff = full - stop
+        return item if diff.is_Integer and int(diff) >= 0 else None
+    return None
+
+
+def _getitem_tail(an, node) -> int:
+    """How many trailing positions a slice of the sequence drops (0 for a full slice)."""
+    src = node.args[0]
+    d = layout_of(src).dim
+    item = _getitem_seq_item(an, node, d)
+    if item is None or item.stop is None:
+        return 0
+    if isinstance(item.stop, int):
+        return -item.stop
+    full = size_expr(example_value(src).shape[d])
+    return int(full - size_expr(example_value(item.stop)))
+
+
+def seq_reduction(an, node) -> SeqLayout:
+    """An activation op whose result has no sequence dim: only sums and means are allowed."""
+    key = node.target
+    if key in ops.SEQ_SUM_REDUCTIONS:
+        src = node.args[0]
+        acting = ops.acting_dims(node, example_value(src).dim())
+        if acting is None or layout_of(src).dim in acting:
+            node.meta[RULE] = "seq_sum"
+            return REPLICATED_LAYOUT
+    if key is operator.getitem:
+        raise refuse(node, "it picks positions of the sequence (e.g. last-token or class-token "
+                           "pooling): not supported on a sharded sequence")
+    raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")
+
+
+def _arg(node, index, name, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def sdpa(an, node) -> SeqLayout:
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    for t in (q, k, v):
+        lay, nd = layout_of(t), example_value(t).dim()
+        if lay.state != SHARDED or lay.dim != nd - 2 or nd < 3:
+            raise refuse(node, f"{t.name} is not sequence-sharded on dim -2 ([..., heads, S, head_dim])")
+        if lay.inner != 1 or lay.length is None or (lay.length - an.S) != 0:
+            raise refuse(node, f"{t.name} does not cover the whole sequence")
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        mask_layout = layout_of(mask)
+        nd = example_value(mask).dim()
+        if mask_layout.state == SHARDED:
+            raise refuse(node, "the attention mask depends on parameters (a learned bias): not supported")
+        if any(d < nd - 2 for d in an.dims(mask)):
+            raise refuse(node, "the attention mask carries the sequence outside its last two dims")
+    node.meta[RULE] = "sdpa"
+    return SeqLayout(SHARDED, example_value(node).dim() - 2, 1, an.S)
+
+
+def cross_entropy(an, node) -> SeqLayout:
+    logits, target = node.args[0], _arg(node, 1, "target")
+    lay = layout_of(logits)
+    if lay.state != SHARDED:
+        raise refuse(node, "the logits are not sequence-sharded")
+    if example_value(logits).dim() >= 2 and lay.dim == 1:
+        raise refuse(node, "the sequence is the class dim of the logits")
+    if _arg(node, 3, "size_average") is not None or _arg(node, 5, "reduce") is not None:
+        raise refuse(node, "legacy size_average/reduce arguments: use reduction=")
+    if not isinstance(target, fx.Node) or not an.dims(target):
+        raise refuse(node, "the target does not carry the sequence")
+    if layout_of(target).dim is None:
+        raise refuse(node, "the target " + SEVERAL_DIMS)
+    node.meta[RULE] = "cross_entropy"
+    if _arg(node, 6, "reduction", "mean") == "none":
+        out_dim = lay.dim if lay.dim == 0 else lay.dim - 1
+        return SeqLayout(SHARDED, out_dim, lay.inner, lay.length)
+    return REPLICATED_LAYOUT

@@ -1,0 +1,49 @@
+"""Pass ``shard_inputs``: shard each full value where it meets an activation op.
+
+Full values (input ids, shifted labels, positions, rotary tables) are computed as on one device;
+on each edge into an op whose result is sharded, this pass inserts ``autosp::shard``, which takes
+this rank's chunk at run time (padded past the end: with ``ignore_index`` for loss targets, so
+padding never reaches the loss). Because labels are sharded where they meet the logits, after
+any shift the model applied, every shard boundary is exact.
+
+Invariant after: no op with a sharded result reads a full value carrying the sequence, except
+the attention mask, which attention consumes whole.
+"""
+from __future__ import annotations
+
+import torch
+
+from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, layout_of
+from autosp.passes.rules import _arg
+
+
+def _consumes_shards(node) -> bool:
+    layout = layout_of(node)
+    layouts = layout if isinstance(layout, tuple) else (layout,)
+    return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum") or any(
+        lay.state == SHARDED for lay in layouts)
+
+
+def shard_inputs(ctx) -> None:
+    cache = {}
+    for node in list(ctx.graph.nodes):
+        if node.op not in ("call_function", "call_method") or not _consumes_shards(node):
+            continue
+        rule = node.meta.get(RULE)
+        keep_full = {_arg(node, 3, "attn_mask")} if rule == "sdpa" else set()
+        pad_value = 0.0
+        target = _arg(node, 1, "target") if rule == "cross_entropy" else None
+        for src in node.all_input_nodes:
+            lay = layout_of(src)
+            if src in keep_full or lay.state != FULL or lay.dim is None:
+                continue
+            pad = float(_arg(node, 4, "ignore_index", -100)) if src is target else pad_value
+            key = (src, pad)
+            if key not in cache:
+                length, local_len = ctx.full_size(lay.length), ctx.local_len()
+                with ctx.inserting_after(src):
+                    cache[key] = ctx.graph.call_function(torch.ops.autosp.shard.default, (
+                        src, lay.dim, lay.inner, length, local_len, pad, ctx.group, ctx.world_size))
+                ctx.set_layout(cache[key], SeqLayout(SHARDED, lay.dim, lay.inner, lay.length))
+                ctx.counters["shard"] += 1
+            node.replace_input_with(src, cache[key])

@@ -1,0 +1,59 @@
+"""Pass ``local_sizes``: make sizes agree with sharded values.
+
+- Size arguments (view, reshape, expand, new_zeros, ...) of ops with a sharded result: the
+  sequence size becomes the local one, ``a*S + b -> a * ceil(S/P)``.
+- A size read off a chunk (``x.size(1)`` on a sharded ``x``) means, in the model's code, the
+  full size: it becomes the full size, so ``arange(x.size(1))`` still builds every position.
+- A slice dropping trailing positions of a sharded value (``logits[:, :-1]``) keeps the chunk
+  whole; the layout's shorter length marks the dropped positions as padding.
+
+Invariant after: every size argument on a sharded value is local, every other one full.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from autosp.passes.layout import RULE, SHARDED, example_value, layout_of
+from autosp.passes import ops
+
+
+def _is_sharded(node) -> bool:
+    layout = layout_of(node)
+    return any(lay.state == SHARDED for lay in (layout if isinstance(layout, tuple) else (layout,)))
+
+
+def _localize(ctx, arg):
+    if isinstance(arg, (tuple, list)):
+        return type(arg)(_localize(ctx, a) for a in arg)
+    if isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.SymInt):
+        expr = example_value(arg).node.expr
+        if ctx.seq.symbol in expr.free_symbols:
+            ctx.counters["local_size"] += 1
+            return ctx.local_size(expr)
+    return arg
+
+
+def local_sizes(ctx) -> None:
+    for node in list(ctx.graph.nodes):
+        rule = node.meta.get(RULE)
+        if rule == "full_size":
+            full = ctx.full_size(example_value(node).node.expr)
+            node.replace_all_uses_with(full)
+            ctx.graph.erase_node(node)
+            ctx.counters["full_size"] += 1
+        elif rule == "tail_slice":
+            src = node.args[0]
+            items = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+            from autosp.passes.rules import _getitem_items
+            expanded, dims = _getitem_items(None, node)
+            target = dims[layout_of(src).dim]
+            position = next(i for i, it in enumerate(expanded) if it is target)
+            expanded[position] = slice(None)
+            node.args = (src, tuple(expanded))
+            ctx.counters["tail_slice"] += 1
+        elif _is_sharded(node) and ops.takes_shape_args(node):
+            node.args = tuple(_localize(ctx, a) for a in node.args)
+            node.kwargs = {k: _localize(ctx, v) for k, v in node.kwargs.items()}
