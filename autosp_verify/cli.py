@@ -1,0 +1,101 @@
+"""``autosp-verify MODEL.py``: one case per (world size, sequence length), a table, a verdict.
+
+Exit status: 0 every case equivalent (or structurally sound, with --simulator fake); 1 a mismatch,
+an impl crash or a timeout; 2 bad usage, an unloadable model file, or a model failing on one
+device; 3 the impl refused the model (every non-passing case unsupported); 4 nothing could be
+checked here (e.g. --simulator nccl without enough GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from autosp_verify.core import DTYPES, CaseSpec
+from autosp_verify.impls import ImplUnavailable
+from autosp_verify.model_file import ModelFileError
+from autosp_verify.report import EXIT_USAGE, exit_status, format_table, summary, to_json
+from autosp_verify.run import run_case
+from autosp_verify.simulators import NAMES
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    impl: str = "autosp"
+    world_sizes: tuple = (2,)
+    seq_lens: tuple = (16,)
+    batch: int = 2
+    dtype: str = "float64"
+    simulator: str = "threaded"
+    seed: int = 0
+    timeout: float = 120.0
+    json: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autosp-verify", description="Prove or disprove that a sequence-parallel "
+                                "implementation of a model is exact against the model on one device.")
+    p.add_argument("model", help="model file: a .py defining model_fn() and inputs_fn(batch, seq_len, generator)")
+    p.add_argument("--impl", default="autosp", help="autosp (default), deepspeed, deepspeed-eager, MODULE:CALLABLE "
+                   "or path/to/file.py:CALLABLE")
+    p.add_argument("--world-size", type=_int_list, default=(2,), help="SP degrees, comma-separated (default 2)")
+    p.add_argument("--seq-len", type=_int_list, default=(16,), help="sequence lengths, comma-separated (default 16)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float64")
+    p.add_argument("--simulator", choices=NAMES, default="threaded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a run counts as hung (default 120)")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
+    p.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    a = get_parser().parse_args(argv)
+    return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
+                  a.json, a.rtol, a.atol)
+
+
+def run(config: Config, out=sys.stdout) -> int:
+    cases = []
+    try:
+        for world_size in config.world_sizes:
+            for seq_len in config.seq_lens:
+                spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed)
+                cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol))
+    except (ModelFileError, ImplUnavailable, ValueError) as exc:
+        print(f"autosp-verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_table(cases), file=out)
+    print(summary(cases), file=out)
+    if config.json:
+        with open(config.json, "w") as f:
+            f.write(to_json(cases) + "\n")
+    return exit_status(cases)
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Compare per-rank results with the single-device reference. The only place tolerances live.
+
+Metric, per tensor, computed in float64 over the finite entries::
+
+    abs_err = max |impl - ref|
+    rel_err = abs_err / max |ref|     (0 when both are exactly zero; inf when ref is all zero and impl not)
+    passes  iff  abs_err <= atol + rtol * max |ref|
+
+NaN/Inf in the impl where the reference is finite is a failure named as such. ``rtol`` is set by
+the dtype the case runs in; ``atol`` is tiny (about 1000 ulp of 1.0 in float64, 1 ulp-ish in
+the others) and only matters for tensors whose reference is all (near) zero, e.g. the gradient
+of a parameter that does not reach the loss. The CLI may override both (``--rtol``,
+``--atol``); tests never loosen them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-10, atol=1e-13),
+    torch.float32: Tolerance(rtol=1e-5, atol=1e-7),
+    torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
+    torch.float16: Tolerance(rtol=1e-3, atol=1e-5),
+}
+
+
+def tolerance_for(dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    if dtype not in TOLERANCES:
+        raise ValueError(f"no tolerance for dtype {dtype}; choose one of {', '.join(map(str, TOLERANCES))}")
+    base = TOLERANCES[dtype]
+    return Tolerance(base.rtol if rtol is None else rtol, base.atol if atol is None else atol)
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    abs_err: float = math.inf
+    rel_err: float = math.inf
+    passed: bool = False
+    problem: str = ""  # a failure that is not (only) a number: shape, NaN, missing, ranks disagree
+    score: float = math.inf  # abs_err / allowed error: > 1 fails; ranks the worst tensor
+
+    def describe(self) -> str:
+        text = f"{self.name}: abs err {self.abs_err:.3g}, rel err {self.rel_err:.3g}"
+        return f"{text} ({self.problem})" if self.problem else text
+
+
+def check_tensor(name: str, impl: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> TensorCheck:
+    if tuple(impl.shape) != tuple(ref.shape):
+        return TensorCheck(name, problem=f"shape {tuple(impl.shape)}, reference {tuple(ref.shape)}")
+    i, r = impl.detach().cpu().double(), ref.detach().cpu().double()
+    fi, fr = torch.isfinite(i), torch.isfinite(r)
+    problem = ""
+    if (fr & ~fi).any():
+        problem = "NaN/Inf in the impl where the reference has none"
+    elif (~fr).any() and not torch.equal(i[~fr].nan_to_num(nan=0.5), r[~fr].nan_to_num(nan=0.5)):
+        problem = "non-finite values differ from the reference"
+    both = fi & fr
+    abs_err = (i[both] - r[both]).abs().max().item() if both.any() else 0.0
+    max_ref = r[fr].abs().max().item() if fr.any() else 0.0
+    rel_err = 0.0 if abs_err == 0 else (abs_err / max_ref if max_ref > 0 else math.inf)
+    if problem:  # the finite entries may agree; the error is not a number then
+        abs_err = rel_err = math.nan
+    allowed = tol.atol + tol.rtol * max_ref
+    score = math.inf if problem else (abs_err / allowed if allowed > 0 else (0.0 if abs_err == 0 else math.inf))
+    return TensorCheck(name, abs_err, rel_err, not problem and abs_err <= allowed, problem, score)
+
+
+def _worst(checks: list[TensorCheck], name: str, problem: str = "") -> TensorCheck:
+    worst = max(checks, key=lambda c: c.score)
+    problem = problem or worst.problem
+    return TensorCheck(name, worst.abs_err, worst.rel_err, worst.passed and not problem, problem,
+                       math.inf if problem else worst.score)
+
+
+def check_loss(ref: torch.Tensor, rank_losses: dict, tol: Tolerance) -> TensorCheck:
+    """Every rank's loss against the reference; ranks that disagree with each other are named."""
+    bad = {r: tuple(loss.shape) for r, loss in rank_losses.items() if loss.numel() != 1}
+    if bad:
+        return TensorCheck("loss", problem=f"not a scalar on rank(s) {bad}")
+    checks = [check_tensor(f"loss (rank {r})", loss.reshape(()), ref.reshape(()), tol) for r, loss in rank_losses.items()]
+    values = {r: loss.double().item() for r, loss in rank_losses.items()}
+    spread = max(values.values()) - min(values.values())
+    problem = ""
+    if spread > tol.atol + tol.rtol * abs(ref.double().item()):
+        problem = "loss differs across ranks: " + ", ".join(f"rank {r} {v:.10g}" for r, v in values.items())
+    return _worst(checks, "loss", problem)
+
+
+def check_output(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -> TensorCheck:
+    """Replicated (every rank has the reference shape) or sharded along the one dim that differs."""
+    missing = [r for r, t in per_rank.items() if t is None]
+    if missing:
+        return TensorCheck(name, problem=f"missing on rank(s) {missing}")
+    if all(tuple(t.shape) == tuple(ref.shape) for t in per_rank.values()):
+        return _worst([check_tensor(name, t, ref, tol) for t in per_rank.values()], name)
+    dims = set()
+    for r, t in per_rank.items():
+        if t.dim() != ref.dim():
+            return TensorCheck(name, problem=f"rank {r} has shape {tuple(t.shape)}, reference {tuple(ref.shape)}")
+        dims.update(d for d in range(t.dim()) if t.shape[d] != ref.shape[d])
+    if len(dims) != 1:
+        shapes = ", ".join(f"rank {r} {tuple(t.shape)}" for r, t in per_rank.items())
+        return TensorCheck(name, problem=f"shapes differ from the reference {tuple(ref.shape)} in more than one "
+                                         f"dim ({shapes})")
+    dim = dims.pop()
+    whole = torch.cat([t.detach().cpu() for t in per_rank.values()], dim=dim)
+    if tuple(whole.shape) != tuple(ref.shape):
+        return TensorCheck(name, problem=f"shards along dim {dim} concatenate to {tuple(whole.shape)}, "
+                                         f"reference {tuple(ref.shape)}")
+    return check_tensor(name, whole, ref, tol)
+
+
+def check_grad(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -> TensorCheck:
+    """The SP convention: the gradients of the SP group are summed, then compared."""
+    missing = [r for r, g in per_rank.items() if g is None]
+    if missing:
+        return TensorCheck(f"grad {name}", problem=f"missing on rank(s) {missing}")
+    bad = [r for r, g in per_rank.items() if tuple(g.shape) != tuple(ref.shape)]
+    if bad:
+        return TensorCheck(f"grad {name}", problem=f"shape {tuple(per_rank[bad[0]].shape)} on rank {bad[0]}, "
+                                                   f"reference {tuple(ref.shape)}")
+    total = sum(g.detach().cpu().double() for g in per_rank.values())
+    return check_tensor(f"grad {name}", total, ref, tol)
+
+
+@dataclass
+class Comparison:
+    loss: TensorCheck
+    outputs: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+
+    @property
+    def checks(self) -> list:
+        return [self.loss, *self.outputs, *self.grads]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def worst(self) -> TensorCheck:
+        return max(self.checks, key=lambda c: c.score)
+
+    @property
+    def max_grad_rel_err(self) -> float:
+        return max((c.rel_err for c in self.grads), default=0.0)
+
+    @property
+    def worst_grad(self) -> TensorCheck | None:
+        return max(self.grads, key=lambda c: c.rel_err, default=None)
+
+    def failures(self) -> list:
+        """The failing checks, worst first."""
+        failing = sorted((c for c in self.checks if not c.passed), key=lambda c: -c.score)
+        return [c.describe() for c in failing]
+
+
+def compare(ref, ranks: list, tol: Tolerance) -> Comparison:
+    """``ref``: a Reference (loss, outputs, grads); ``ranks``: each rank's result dict, in rank order."""
+    by_rank = dict(enumerate(ranks))
+    loss = check_loss(ref.loss, {r: res["loss"] for r, res in by_rank.items()}, tol)
+    outputs = [check_output(n, t, {r: res["outputs"].get(n) for r, res in by_rank.items()}, tol)
+               for n, t in ref.outputs.items()]
+    grads = [check_grad(n, g, {r: res["grads"].get(n) for r, res in by_rank.items()}, tol) for n, g in ref.grads.items()]
+    return Comparison(loss, outputs, grads)
+
+
+def check_structure(ref, ranks: list) -> list:
+    """For the fake simulator: shapes only (values are meaningless). Returns the problems found."""
+    problems = []
+    for r, res in enumerate(ranks):
+        if res is None:
+            continue
+        if res["loss"].numel() != 1:
+            problems.append(f"rank {r}: loss has shape {tuple(res['loss'].shape)}, expected a scalar")
+        for n, t in ref.outputs.items():
+            got = res["outputs"].get(n)
+            diff = None if got is None or got.dim() != t.dim() else [d for d in range(t.dim()) if got.shape[d] != t.shape[d]]
+            if diff is None or len(diff) > 1 or (diff and got.shape[diff[0]] > t.shape[diff[0]]):
+                shape = None if got is None else tuple(got.shape)
+                problems.append(f"rank {r}: output {n} has shape {shape}, reference {tuple(t.shape)} (neither "
+                                "replicated nor a shard along one dim)")
+        for n, g in ref.grads.items():
+            got = res["grads"].get(n)
+            if got is None or tuple(got.shape) != tuple(g.shape):
+                problems.append(f"rank {r}: grad {n} has shape {None if got is None else tuple(got.shape)}, "
+                                f"parameter {tuple(g.shape)}")
+    return problems

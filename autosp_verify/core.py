@@ -1,0 +1,175 @@
+"""The case: build it, run the single-device reference, and the per-rank work every simulator runs.
+
+``rank_fn(ctx, payload)`` is the one function that runs on a rank, whatever the simulator:
+``payload`` is a :class:`LoadedCase` (in memory: threaded, fake) or a picklable :class:`CaseSpec`
+(processes: the child rebuilds the model with ``model_fn`` and loads the parent's weights and
+batch from ``weights_path``, so every rank holds identical weights and inputs).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autosp_verify.impls import is_refusal, resolve_impl
+from autosp_verify.model_file import ModelFileError, load_model_file
+from autosp_verify.outputs import OutputError, split_output
+from autosp_verify.simulators.base import RankError, RankFailure
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """Everything a rank needs, picklable: the model file path (or a module-level model_fn), the
+    impl spec string, sizes, dtype name, seed, and where the parent saved weights and batch."""
+
+    model: Any
+    impl: Any
+    world_size: int
+    seq_len: int
+    batch: int
+    dtype: str
+    seed: int
+    weights_path: str | None = None
+
+
+@dataclass
+class Reference:
+    loss: torch.Tensor
+    outputs: dict
+    grads: dict
+
+
+def describe_model(model) -> str:
+    return model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
+
+
+def model_functions(model):
+    """(model_fn, inputs_fn) from a model-file path, or (model_fn, None) for a bare callable."""
+    if isinstance(model, str):
+        mf = load_model_file(model)
+        return mf.model_fn, mf.inputs_fn
+    return model, None
+
+
+def _seeded_model(model_fn, spec: CaseSpec) -> nn.Module:
+    where = describe_model(spec.model)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(spec.seed)
+        try:
+            made = model_fn()
+        except Exception as exc:
+            raise ModelFileError(f"{where}: model_fn() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(made, nn.Module):
+        raise ModelFileError(f"{where}: model_fn() returned {type(made).__name__}, not an nn.Module")
+    # A copy, so a model_fn that hands out a shared module never sees it converted or touched.
+    return copy.deepcopy(made).to(DTYPES[spec.dtype])
+
+
+def _cast(value, dtype, device=None):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().clone().to(device) if device is not None else value.detach().clone()
+        return value.to(dtype) if value.is_floating_point() else value
+    return copy.deepcopy(value)
+
+
+def build_case(model_fn, inputs_fn, spec: CaseSpec):
+    """The base model (seeded, copied, in the case dtype) and the batch (floats in the case dtype)."""
+    base = _seeded_model(model_fn, spec)
+    generator = torch.Generator().manual_seed(spec.seed)
+    where = describe_model(spec.model)
+    try:
+        batch = inputs_fn(spec.batch, spec.seq_len, generator)
+    except Exception as exc:
+        raise ModelFileError(f"{where}: inputs_fn() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(batch, dict):
+        raise ModelFileError(f"{where}: inputs_fn() returned {type(batch).__name__}, not a dict of kwargs")
+    return base, {k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}
+
+
+def trainable(model: nn.Module):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _grads(loss, params):
+    if not params or not loss.requires_grad:
+        return {n: torch.zeros_like(p) for n, p in params}  # nothing flows: all zero, compare says so
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params, grads)}
+
+
+def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
+    where = describe_model(spec.model)
+    model = copy.deepcopy(base)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            loss, outputs = split_output(model(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}))
+        grads = _grads(loss, trainable(model))
+    except OutputError as exc:
+        raise ModelFileError(f"{where}: on one device, {exc}") from None
+    except Exception as exc:
+        raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
+    return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
+                     {n: g.detach() for n, g in grads.items()})
+
+
+class LoadedCase:
+    """An in-memory case: the base model is never handed out, only deep copies of it."""
+
+    def __init__(self, spec: CaseSpec, base: nn.Module, batch: dict):
+        self.spec, self._base, self._batch = spec, base, batch
+        self._lock = threading.Lock()  # copies are made one at a time, whatever thread asks
+
+    @classmethod
+    def from_spec(cls, spec: CaseSpec) -> "LoadedCase":
+        model_fn, _ = model_functions(spec.model)
+        base = _seeded_model(model_fn, spec)
+        saved = torch.load(spec.weights_path, weights_only=True)
+        base.load_state_dict(saved["state_dict"])
+        return cls(spec, base, saved["batch"])
+
+    def replica(self, device) -> nn.Module:
+        with self._lock:
+            return copy.deepcopy(self._base).to(device)
+
+    def batch_for(self, device) -> dict:
+        return {k: _cast(v, DTYPES[self.spec.dtype], device) for k, v in self._batch.items()}
+
+
+def _failure(rank, stage, exc) -> RankError:
+    detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if is_refusal(exc):
+        return RankError(RankFailure(rank, "unsupported", f"rank {rank} ({stage}): {exc}", detail))
+    return RankError(RankFailure(rank, "error", f"rank {rank} ({stage}): {type(exc).__name__}: {exc}", detail))
+
+
+def rank_fn(ctx, payload):
+    """One rank: prepare the impl on a replica, step on the full batch, take this rank's grads."""
+    case = payload if isinstance(payload, LoadedCase) else LoadedCase.from_spec(payload)
+    model, batch = case.replica(ctx.device), case.batch_for(ctx.device)
+    impl = resolve_impl(case.spec.impl)
+    try:
+        step = impl(model, ctx.group)
+    except Exception as exc:
+        raise _failure(ctx.rank, "prepare", exc) from exc
+    try:
+        out = step(**batch)
+    except Exception as exc:
+        raise _failure(ctx.rank, "step", exc) from exc
+    try:
+        loss, outputs = split_output(out)
+    except OutputError as exc:
+        raise RankError(RankFailure(ctx.rank, "error", f"rank {ctx.rank} (step): {exc}")) from exc
+    try:
+        grads = _grads(loss, trainable(model))
+    except Exception as exc:
+        raise _failure(ctx.rank, "backward", exc) from exc
+    return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
+            "grads": {n: g.detach().cpu() for n, g in grads.items()}}

@@ -1,0 +1,128 @@
+"""The impl protocol, and the registry that turns an impl name into an impl.
+
+Impl protocol
+-------------
+An impl is a callable ``impl(model, group) -> step``. The verifier calls it once on every rank,
+inside that rank, with that rank's own replica of the model (identical weights on every rank,
+already converted to the case dtype, in whatever mode ``model_fn`` returned it: train unless the
+model file says otherwise) and the sequence-parallel process group
+(``torch.distributed.ProcessGroup``; its size is the SP degree P, ``dist.get_rank(group)`` the
+rank, read at run time).
+
+``step(**batch)`` receives the FULL batch, identical on every rank (each rank gets its own copy),
+and returns the model output on this rank: an HF-style output with ``.loss``, a dict with
+``"loss"``, or a tuple whose first item is the loss. Rules for the output:
+
+* the loss must be identical on every rank, and equal to the single-device loss;
+* a tensor that carries the sequence may be returned whole (the reference shape: compared as
+  replicated, every rank must match) or as this rank's contiguous shard along the sequence,
+  shards in rank order (the one dim whose size differs from the reference is the sequence dim;
+  the verifier concatenates the ranks' shards along it; a rank may hold an empty shard).
+
+The verifier then computes each rank's gradients with
+``torch.autograd.grad(loss, params, allow_unused=True)`` on that rank's replica (None counts as
+zeros) and SUMS them over the ranks (the SP convention: gradients of the SP group are summed)
+before comparing with the single-device gradients.
+
+Refusing a model: an impl that raises, at prepare time or in ``step``, an ``autosp.AutoSPError``
+or any exception whose class has a truthy ``autosp_unsupported`` attribute makes the case
+"unsupported" with its message. Any other exception makes the case an "error" (the impl crashed
+on a model it accepted), reported with the rank and the exception type and message.
+
+Names
+-----
+``autosp``: ``autosp.compile(model, group=group)``. ``deepspeed``: DeepSpeed's own AutoSP passes
+and backend (passes + Inductor); ``deepspeed-eager``: the same passes, the rewritten graph run
+eagerly (no Inductor; seconds instead of minutes on CPU). ``MODULE:CALLABLE`` or
+``path/to/file.py:CALLABLE``: a user's callable.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+
+class ImplUnavailable(Exception):
+    """The named impl cannot be used here (not importable, not callable, not implemented yet)."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    if getattr(type(exc), "autosp_unsupported", False):
+        return True
+    try:
+        from autosp import AutoSPError
+    except Exception:  # autosp itself broken or absent: nothing is an AutoSPError then
+        return False
+    return isinstance(exc, AutoSPError)
+
+
+def _autosp_impl(model, group):
+    import autosp
+    return autosp.compile(model, group=group)
+
+
+def _check_autosp():
+    try:
+        import autosp
+    except Exception as exc:
+        raise ImplUnavailable(f"impl 'autosp': cannot import autosp ({type(exc).__name__}: {exc})") from None
+    if not callable(getattr(autosp, "compile", None)):
+        raise ImplUnavailable("impl 'autosp': autosp.compile does not exist in this checkout yet; "
+                              "use --impl deepspeed or --impl MODULE:CALLABLE")
+
+
+def _check_deepspeed():
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ImplUnavailable("impl 'deepspeed': the deepspeed package is not installed")
+
+
+def _load_callable(spec: str) -> Callable:
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            from autosp_verify.model_file import _module_name
+            path = os.path.abspath(target)
+            name = _module_name(path)
+            module = sys.modules.get(name)
+            if module is None:
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())  # a console script's sys.path lacks the working dir
+            module = importlib.import_module(target)
+    except Exception as exc:
+        sys.modules.pop(locals().get("name", ""), None)
+        raise ImplUnavailable(f"impl {spec!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ImplUnavailable(f"impl {spec!r}: {target} has no callable {attr!r}")
+    return fn
+
+
+def resolve_impl(spec) -> Callable:
+    """An impl name, 'MODULE:CALLABLE', 'file.py:CALLABLE', or a callable -> the impl callable."""
+    if callable(spec):
+        return spec
+    if spec == "autosp":
+        _check_autosp()
+        return _autosp_impl
+    if spec in ("deepspeed", "deepspeed-eager"):
+        _check_deepspeed()
+        from autosp_verify import deepspeed_impl
+        return deepspeed_impl.deepspeed_impl if spec == "deepspeed" else deepspeed_impl.deepspeed_eager_impl
+    if isinstance(spec, str) and ":" in spec:
+        return _load_callable(spec)
+    raise ImplUnavailable(f"unknown impl {spec!r}: use autosp, deepspeed, deepspeed-eager, MODULE:CALLABLE "
+                          "or path/to/file.py:CALLABLE")
+
+
+def impl_label(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    return f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', repr(spec))}"

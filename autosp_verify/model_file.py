@@ -1,0 +1,58 @@
+"""Load a model file: a Python file defining ``model_fn()`` and ``inputs_fn(batch, seq_len, generator)``.
+
+``model_fn()`` returns a fresh, randomly initialised ``nn.Module`` (the verifier calls it under
+``torch.manual_seed(seed)``); ``inputs_fn`` returns a dict of keyword arguments for the model.
+Every problem comes back as a :class:`ModelFileError` with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+
+class ModelFileError(Exception):
+    """The model file cannot be used: missing, broken, or its model fails on one device."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: str
+    model_fn: Callable
+    inputs_fn: Callable
+
+
+def _module_name(path: str) -> str:
+    # Stable per path, so a spawned child loading the same file gets the same class names.
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"autosp_verify_model_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def load_model_file(path: str) -> ModelFile:
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file")
+    name = _module_name(path)
+    if name in sys.modules:
+        module = sys.modules[name]
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look classes up here
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            del sys.modules[name]
+            raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except Exception as exc:
+            del sys.modules[name]
+            raise ModelFileError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from None
+    fns = {}
+    for fn in ("model_fn", "inputs_fn"):
+        fns[fn] = getattr(module, fn, None)
+        if not callable(fns[fn]):
+            raise ModelFileError(f"{path}: does not define {fn}()")
+    return ModelFile(path, fns["model_fn"], fns["inputs_fn"])

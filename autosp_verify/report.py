@@ -1,0 +1,92 @@
+"""Case results, the overall verdict and exit status, and their two renderings (table, JSON).
+
+Statuses, worst first: error (the impl crashed, hung or timed out on a model it accepted), fail
+(a mismatch), unsupported (the impl refused the model), skipped (the simulator cannot run here,
+e.g. too few GPUs), structural (fake process group: shapes only, never numerics), pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ORDER = ("error", "fail", "unsupported", "skipped", "structural", "pass")
+EXIT = {"pass": 0, "structural": 0, "error": 1, "fail": 1, "unsupported": 3, "skipped": 4}
+EXIT_USAGE = 2
+
+
+@dataclass
+class CaseResult:
+    impl: str
+    simulator: str
+    world_size: int
+    seq_len: int
+    batch: int
+    dtype: str
+    status: str
+    structural: bool = False
+    loss_abs_err: Optional[float] = None
+    max_grad_rel_err: Optional[float] = None
+    worst_tensor: Optional[dict] = None  # {"name", "abs_err", "rel_err"}
+    worst_grad: Optional[dict] = None  # {"name", "rel_err"}
+    error: Optional[str] = None
+    failures: list = field(default_factory=list)  # one line per failing tensor
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def verdict(cases) -> str:
+    statuses = {c.status for c in cases}
+    return next((s for s in ORDER if s in statuses), "pass")
+
+
+def exit_status(cases) -> int:
+    return EXIT[verdict(cases)]
+
+
+def _finite(value):
+    """Strict JSON has no inf/nan: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(cases) -> str:
+    return json.dumps(_finite({"verdict": verdict(cases), "cases": [c.to_dict() for c in cases]}), indent=2,
+                      allow_nan=False)
+
+
+def _num(x):
+    return "-" if x is None else f"{x:.2e}"
+
+
+def format_table(cases) -> str:
+    rows = [("impl", "simulator", "P", "S", "loss err", "worst grad (rel err)", "verdict")]
+    for c in cases:
+        grad = "-" if c.worst_grad is None else f"{c.worst_grad['name']} ({_num(c.worst_grad['rel_err'])})"
+        rows.append((c.impl, c.simulator, str(c.world_size), str(c.seq_len), _num(c.loss_abs_err), grad,
+                     c.status.upper()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i and (cases[i - 1].error or cases[i - 1].failures):
+            for detail in ([cases[i - 1].error] if cases[i - 1].error else []) + cases[i - 1].failures[:5]:
+                lines.append(f"    {detail}")
+    return "\n".join(lines)
+
+
+def summary(cases) -> str:
+    counts = {s: sum(c.status == s for c in cases) for s in ORDER}
+    parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return f"verdict: {verdict(cases)} ({len(cases)} case{'s' * (len(cases) != 1)}: {parts})"

@@ -1,0 +1,99 @@
+"""One case end to end, each step one call in one direction:
+
+model file -> (model_fn, inputs_fn) -> reference on one device -> simulator runs ``rank_fn`` on P
+ranks (the impl prepares and steps inside each) -> per-rank results -> compare -> CaseResult.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+
+import torch
+
+from autosp_verify.compare import check_structure, compare, tolerance_for
+from autosp_verify.core import DTYPES, CaseSpec, LoadedCase, build_case, model_functions, rank_fn, reference
+from autosp_verify.impls import impl_label, resolve_impl
+from autosp_verify.report import CaseResult
+from autosp_verify.simulators import SimulationError, SimulatorUnavailable, get_simulator
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return dtype
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    return names[dtype]
+
+
+def _payload(sim, spec, base, batch, folder):
+    if sim.in_process:
+        return LoadedCase(spec, base, batch)
+    if not isinstance(spec.impl, str):
+        raise ValueError(f"the {sim.name} simulator runs ranks in other processes: pass the impl as a "
+                         "'MODULE:CALLABLE' or 'file.py:CALLABLE' string, not a callable")
+    try:
+        pickle.dumps(spec.model)
+    except Exception:
+        raise ValueError(f"the {sim.name} simulator needs a model file path or a model_fn defined at module "
+                         "level (it is rebuilt in every rank's process)") from None
+    path = os.path.join(folder, "weights.pt")
+    torch.save({"state_dict": base.state_dict(), "batch": batch}, path)
+    return dataclasses.replace(spec, weights_path=path)
+
+
+def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
+             rtol: float | None = None, atol: float | None = None) -> CaseResult:
+    """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input."""
+    sim = get_simulator(simulator)
+    tol = tolerance_for(DTYPES[spec.dtype], rtol, atol)
+    resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
+    model_fn, file_inputs_fn = model_functions(spec.model)
+    base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
+    ref = reference(base, batch, spec)
+    result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
+                        status="error", structural=sim.structural)
+    with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder:
+        payload = _payload(sim, spec, base, batch, folder)
+        try:
+            ranks = sim.run(spec.world_size, rank_fn, payload, timeout)
+        except SimulationError as exc:
+            result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
+            result.error = exc.failure.message
+            return result
+        except SimulatorUnavailable as exc:
+            result.status, result.error = "skipped", str(exc)
+            return result
+    if sim.structural:
+        result.failures = check_structure(ref, ranks)
+        result.status = "fail" if result.failures else "structural"
+        return result
+    cmp = compare(ref, ranks, tol)
+    worst, grad = cmp.worst, cmp.worst_grad
+    result.status = "pass" if cmp.passed else "fail"
+    result.loss_abs_err = cmp.loss.abs_err
+    result.max_grad_rel_err = cmp.max_grad_rel_err
+    result.worst_tensor = {"name": worst.name, "abs_err": worst.abs_err, "rel_err": worst.rel_err}
+    result.worst_grad = None if grad is None else {"name": grad.name.removeprefix("grad "), "rel_err": grad.rel_err}
+    result.failures = cmp.failures()
+    return result
+
+
+def verify(model_fn, inputs_fn, *, impl="autosp", world_size=2, seq_len=16, batch=2, dtype=torch.float64,
+           simulator="threaded", seed=0, timeout=120.0, rtol=None, atol=None) -> CaseResult:
+    """Check that ``impl`` makes ``model_fn``'s model sequence-parallel exactly. ``impl`` is a name,
+    'MODULE:CALLABLE', or (in-process simulators only) a callable following the impl protocol."""
+    spec = CaseSpec(model_fn, impl, world_size, seq_len, batch, _dtype_name(dtype), seed)
+    return run_case(spec, inputs_fn, simulator, timeout, rtol, atol)
+
+
+def verify_file(path, **kwargs) -> CaseResult:
+    """:func:`verify` for a model file (a .py defining model_fn and inputs_fn)."""
+    kw = {"impl": "autosp", "world_size": 2, "seq_len": 16, "batch": 2, "dtype": torch.float64, "seed": 0, **kwargs}
+    spec = CaseSpec(os.path.abspath(path), kw.pop("impl"), kw.pop("world_size"), kw.pop("seq_len"), kw.pop("batch"),
+                    _dtype_name(kw.pop("dtype")), kw.pop("seed"))
+    return run_case(spec, None, **kw)

@@ -1,0 +1,65 @@
+"""Structural runs at large P on torch's fake process group: shapes, graph validity, no numerics.
+
+Fake collectives return plausible but wrong values (an all-to-all hands back its input), so a
+result from here only says that the step ran and produced well-shaped outputs and gradients. Only
+rank 0 and the last rank run, one after the other, in a worker thread (so a hang is bounded) with
+its own thread-local process-group world (so nothing leaks into the caller's).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+import torch.distributed as dist
+
+from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
+                                           failure_from_exception)
+from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world
+
+
+def _run_ranks(ranks, world_size, rank_fn, payload, events):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    for rank in ranks:
+        try:
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+            ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"))
+            events.put((rank, None, rank_fn(ctx, payload)))
+        except BaseException as exc:
+            events.put((rank, failure_from_exception(rank, exc), None))
+            return
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class FakeSimulator(Simulator):
+    name = "fake"
+    in_process = True
+    structural = True
+
+    def ranks_run(self, world_size):
+        return sorted({0, world_size - 1})
+
+    def run(self, world_size, rank_fn, payload, timeout):
+        ranks = self.ranks_run(world_size)
+        results = [None] * world_size
+        with _RUN_LOCK, _threaded_world():
+            events = queue.Queue()
+            worker = threading.Thread(target=_run_ranks, name="autosp-verify-fake", daemon=True,
+                                      args=(ranks, world_size, rank_fn, payload, events))
+            worker.start()
+            worker.join(timeout)
+            alive = worker.is_alive()
+            if alive:
+                _abandon([worker])
+        while not events.empty():
+            rank, failure, value = events.get()
+            if failure is not None:
+                raise SimulationError(failure)
+            results[rank] = value
+        if alive:
+            stuck = next(r for r in ranks if results[r] is None)
+            raise SimulationError(RankFailure(stuck, "timeout", f"timed out after {timeout:g} s: rank {stuck} did "
+                                              "not finish (fake process group)"))
+        return results

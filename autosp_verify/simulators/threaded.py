@@ -1,0 +1,125 @@
+"""P ranks as P threads on torch's threaded process group: exact collectives, ~ms to start.
+
+Pitfalls this module handles (see the field notes): the C++ group-name registry is process-wide
+unless thread isolation is on; ProcessLocalGroup keeps class-level state (pending collectives,
+a terminate flag) that must be reset before each run; a thread cannot be killed, so on a failure
+we wake every rank blocked in a collective (``exception_handle``), raise SystemExit
+asynchronously in the rest, and leave them as daemon threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
+                                           failure_from_exception)
+
+_RUN_LOCK = threading.Lock()  # the threaded world is process-global: one run at a time
+_ABANDON_GRACE_S = 2.0
+
+
+def _mtpg():
+    # Imported lazily: importing it registers the "threaded" backend.
+    from torch.testing._internal.distributed import multi_threaded_pg
+    return multi_threaded_pg
+
+
+@contextmanager
+def _threaded_world():
+    mtpg = _mtpg()
+    mtpg.ProcessLocalGroup.reset()  # clears what an abandoned earlier run left behind
+    world = mtpg._install_threaded_pg()
+    isolation = getattr(torch._C._distributed_c10d, "_set_thread_isolation_mode", None)
+    if isolation:
+        isolation(True)  # per-thread group-name registry, else rank 1 clashes with rank 0's "0"
+    try:
+        yield world
+    finally:
+        if isolation:
+            isolation(False)
+        mtpg._uninstall_threaded_pg()
+
+
+def _rank_thread(rank, world_size, store, rank_fn, payload, events, world, timeout):
+    try:
+        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store,
+                                timeout=timedelta(seconds=timeout))
+        ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"))
+        events.put((rank, None, rank_fn(ctx, payload)))
+    except BaseException as exc:  # SystemExit included: the threaded pg uses it to stop ranks
+        events.put((rank, failure_from_exception(rank, exc), None))
+        _mtpg().ProcessLocalGroup.exception_handle(exc)  # wake ranks blocked in collectives
+    finally:
+        # An abandoned thread may get here after the world was uninstalled: leave it alone then.
+        if dist.distributed_c10d._world is world and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _waiting_ranks():
+    """Ranks sitting in a collective right now (they joined; someone else has not)."""
+    joined = set()
+    for coll in list(_mtpg().ProcessLocalGroup._cur_coll_on_pgs.values()):
+        joined.update(r for r, d in enumerate(coll._data) if d is not None)
+    return sorted(joined)
+
+
+def _timeout_failure(timeout, pending):
+    waiting = [r for r in _waiting_ranks() if r in pending]
+    stuck = sorted(set(pending) - set(waiting))
+    message = f"timed out after {timeout:g} s: rank(s) {sorted(pending)} did not finish"
+    if waiting and stuck:
+        message += f"; rank(s) {waiting} wait in a collective that rank(s) {stuck} never joined"
+    return RankFailure(stuck[0] if stuck else min(pending), "timeout", message)
+
+
+def _abandon(threads):
+    _mtpg().ProcessLocalGroup.exception_handle(None)
+    for t in threads:
+        if t.is_alive() and t.ident is not None:
+            # Fires at the thread's next bytecode: stops Python-level hangs and busy loops.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
+    deadline = time.monotonic() + _ABANDON_GRACE_S
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+class ThreadedSimulator(Simulator):
+    name = "threaded"
+    in_process = True
+
+    def run(self, world_size, rank_fn, payload, timeout):
+        with _RUN_LOCK, _threaded_world() as world:
+            store = dist.HashStore()
+            events = queue.Queue()
+            threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-rank{r}", daemon=True,
+                                        args=(r, world_size, store, rank_fn, payload, events, world, timeout))
+                       for r in range(world_size)]
+            for t in threads:
+                t.start()
+            try:
+                return _collect(events, world_size, timeout)
+            except SimulationError:
+                _abandon(threads)
+                raise
+
+
+def _collect(events, world_size, timeout):
+    deadline = time.monotonic() + timeout
+    results, pending = [None] * world_size, set(range(world_size))
+    while pending:
+        try:
+            rank, failure, value = events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise SimulationError(_timeout_failure(timeout, pending)) from None
+        if failure is not None:
+            raise SimulationError(failure)
+        results[rank] = value
+        pending.discard(rank)
+    return results
