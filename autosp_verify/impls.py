@@ -52,11 +52,9 @@ class ImplUnavailable(Exception):
 def is_refusal(exc: BaseException) -> bool:
     if getattr(type(exc), "autosp_unsupported", False):
         return True
-    try:
-        from autosp import AutoSPError
-    except Exception:  # autosp itself broken or absent: nothing is an AutoSPError then
-        return False
-    return isinstance(exc, AutoSPError)
+    # An AutoSPError instance implies its module is loaded; never import autosp just to ask.
+    errors = sys.modules.get("autosp.errors")
+    return errors is not None and isinstance(exc, errors.AutoSPError)
 
 
 def _autosp_impl(model, group):

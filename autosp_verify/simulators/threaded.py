@@ -47,7 +47,14 @@ def _threaded_world():
         mtpg._uninstall_threaded_pg()
 
 
-def _rank_thread(rank, world_size, store, rank_fn, payload, events, world, timeout):
+def _rank_thread(*args):
+    try:
+        _rank_body(*args)
+    except BaseException:  # an abandoned rank hit by the asynchronous SystemExit: nothing to report
+        pass
+
+
+def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout):
     try:
         dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))

@@ -1,0 +1,88 @@
+"""Impls that misbehave on purpose, for the verifier's robustness tests (loadable by file path)."""
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Refused(Exception):
+    autosp_unsupported = True
+
+
+def _loss(model, batch):
+    return model(**batch)
+
+
+def raise_in_collective(model, group):
+    """Rank 1 raises while every other rank waits inside an all-reduce."""
+    def step(**batch):
+        if dist.get_rank(group) == 1:
+            time.sleep(0.2)  # let the others enter the collective first
+            raise RuntimeError("boom on rank 1")
+        dist.all_reduce(torch.ones(1), group=group)
+        return _loss(model, batch)
+    return step
+
+
+def never_joins(model, group):
+    """Rank 1 never reaches the all-reduce the others wait in."""
+    def step(**batch):
+        if dist.get_rank(group) == 1:
+            while True:
+                time.sleep(0.05)
+        dist.all_reduce(torch.ones(1), group=group)
+        return _loss(model, batch)
+    return step
+
+
+def mismatched_collectives(model, group):
+    """Rank 0 all-reduces while the others all-gather."""
+    def step(**batch):
+        t = torch.ones(4)
+        if dist.get_rank(group) == 0:
+            dist.all_reduce(t, group=group)
+        else:
+            dist.all_gather([torch.empty(4) for _ in range(group.size())], t, group=group)
+        return _loss(model, batch)
+    return step
+
+
+def crash_at_prepare(model, group):
+    if dist.get_rank(group) == 1:
+        raise ValueError("cannot prepare on rank 1")
+    return lambda **batch: _loss(model, batch)
+
+
+def refuses(model, group):
+    raise Refused("this impl does not support the model")
+
+
+def refuses_autosp_error(model, group):
+    from autosp import AutoSPError
+    raise AutoSPError("head count 4 not divisible by the group")
+
+
+def replicated(model, group):
+    """Every rank runs the whole model: exact, with every output replicated (loss already global)."""
+    def step(**batch):
+        out = _loss(model, batch)
+        # Grads are summed over ranks: each rank contributes 1/P of the full gradient.
+        return {"loss": out["loss"] / group.size() + (out["loss"] - out["loss"] / group.size()).detach(),
+                "logits": out["logits"]}
+    return step
+
+
+def bad_shape(model, group):
+    """Outputs whose shape is neither the reference's nor a shard along one dim."""
+    def step(**batch):
+        out = _loss(model, batch)
+        return {"loss": out["loss"], "logits": out["logits"][:, : -1, : -1]}
+    return step
+
+
+def rank_mutates_weights(model, group):
+    """Writes into its replica: the user's model must not notice."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    return lambda **batch: _loss(model, batch)
