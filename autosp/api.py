@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch._dynamo.exc import BackendCompilerFailed, Unsupported
 
 from autosp import collectives
-from autosp.backend import make_backend
+from autosp.backend import backend_for
 from autosp.config import SPConfig
 from autosp.errors import AutoSPError
 
@@ -35,13 +36,28 @@ def prepare_autosp_inputs(input_id, label_id, position_id=None, attention_mask=N
     return prepare_inputs(input_id, label_id, position_id, attention_mask, seq_dim=seq_dim)
 
 
+def _loss_of(out):
+    if isinstance(out, dict):
+        return out.get("loss")
+    if isinstance(out, (tuple, list)):
+        return out[0] if out else None
+    return getattr(out, "loss", out if isinstance(out, torch.Tensor) else None)
+
+
 class CompiledSP:
     """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
 
     def __init__(self, model, config: SPConfig, compile_kwargs):
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)
-        self._compiled = torch.compile(model, backend=make_backend(config, GROUP_KEY), **compile_kwargs)
+        self._compile_kwargs = compile_kwargs
+        self._compiled = {}  # group size -> torch.compile'd model
+
+    def _for_size(self, size: int):
+        if size not in self._compiled:
+            backend = backend_for(self.config, size, GROUP_KEY)
+            self._compiled[size] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
+        return self._compiled[size]
 
     def _mark_inputs(self, args, kwargs):
         seq_dim, names = self.config.seq_dim, self.config.sequence_inputs
@@ -57,15 +73,34 @@ class CompiledSP:
         return args, kwargs, lengths.pop() if lengths else None
 
     def __call__(self, *args, **kwargs):
-        group = self.config.resolve_group()
+        return self._call(self.config.resolve_group(), args, kwargs)
+
+    def warm_up(self, world_size: int, *args, **kwargs):
+        """Compile forward and backward for ``world_size`` ranks on a fake process group on this
+        thread (no other rank needed; the numbers are meaningless), so that later calls, from any
+        rank or thread, find the graph compiled. Needs no process group on this thread."""
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        if dist.is_initialized():
+            raise AutoSPError("warm_up needs a thread with no process group initialized")
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        try:
+            out = self._call(dist.group.WORLD, args, kwargs)
+            loss = _loss_of(out)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if loss is not None and loss.requires_grad and params:
+                torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            dist.destroy_process_group()
+
+    def _call(self, group, args, kwargs):
         collectives.register_group(GROUP_KEY, group, thread_local=True)
         args, kwargs, length = self._mark_inputs(args, kwargs)
-        size = torch.distributed.get_world_size(group)
+        size = dist.get_world_size(group)
         if length is not None and length % size and self.config.padding == "error":
             raise AutoSPError(f"sequence length {length} is not divisible by the group size {size} "
                               "(padding='error')")
         try:
-            return self._compiled(*args, **kwargs)
+            return self._for_size(size)(*args, **kwargs)
         except BackendCompilerFailed as e:
             if isinstance(e.inner_exception, AutoSPError):
                 raise e.inner_exception.with_traceback(None) from None

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from autosp import collectives
 from autosp.config import SPConfig
+from autosp.errors import AutoSPError
 from autosp.passes.registry import run_passes
 
 
@@ -18,29 +19,46 @@ def _inner_backend(backend):
     return torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
 
+_BACKENDS: dict = {}
+
+
+def backend_for(config: SPConfig, world_size: int | None = None, group_key: str = collectives.WORLD):
+    """The backend for this config and group size, made once: Dynamo reuses a compiled graph
+    only with the same backend object, and then across ranks, threads and model instances of
+    the same architecture. The group size is part of the key because the graph depends on it."""
+    key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
+           world_size, group_key)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = make_backend(config, group_key)
+    return _BACKENDS[key]
+
+
 def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
     def autosp_backend(gm: torch.fx.GraphModule, example_inputs):
-        group = config.resolve_group()
-        if group_key != collectives.WORLD:
-            collectives.register_group(group_key, group)
+        group = config.resolve_group() if group_key == collectives.WORLD else collectives.resolve_group(group_key)
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug)
         compiled = _inner_backend(config.backend)(gm, example_inputs)
-        if not ctx.output_layouts:
-            return compiled
-        return _strip_outputs(compiled, ctx, group_key)
+        return _runner(compiled, ctx, group_key)
     return autosp_backend
 
 
-def _strip_outputs(compiled, ctx, group_key):
-    """Wrap the compiled graph so sharded outputs come back without padding, at run time."""
+def _runner(compiled, ctx, group_key):
+    """Wrap the compiled graph: check the group still has the size the graph was made for, and
+    return sharded outputs without their padding."""
     placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
     seq_index = placeholders.index(ctx.seq.node)
     symbol, world_size, layouts = ctx.seq.symbol, ctx.world_size, dict(ctx.output_layouts)
 
     def run(*args):
+        size = dist.get_world_size(collectives.resolve_group(group_key))
+        if size != world_size:
+            raise AutoSPError(f"this graph was compiled for {world_size} ranks but the group has "
+                              f"{size}: compile once per group size")
         full_len = int(args[seq_index])
         outs = list(compiled(*args))  # Dynamo calls backends unboxed
+        if not layouts:
+            return outs
         local_len = -(-full_len // world_size)
         for i, lay in layouts.items():
             length = int(lay.length.subs(symbol, full_len))
@@ -50,4 +68,4 @@ def _strip_outputs(compiled, ctx, group_key):
     return run
 
 
-autosp_backend = make_backend(SPConfig(backend="inductor"))
+autosp_backend = make_backend(SPConfig(backend="inductor"))  # the "autosp" entry point
