@@ -50,6 +50,12 @@ class SeqSymbol:
     node: fx.Node  # a placeholder holding the full sequence length at run time
 
 
+def is_sharded(layout) -> bool:
+    """True for a sharded layout, or a tuple of layouts (split, chunk...) holding one."""
+    layouts = layout if isinstance(layout, tuple) else (layout,)
+    return any(lay.state == SHARDED for lay in layouts)
+
+
 def example_value(node):
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -183,7 +189,7 @@ class Analysis:
         inputs = node.all_input_nodes
         if any(i in self.activation for i in inputs):
             self.activation.add(node)
-        sharded = [i for i in inputs if layout_of(i).state == SHARDED]
+        sharded = [i for i in inputs if is_sharded(layout_of(i))]
         value = example_value(node)
         if node.op == "call_function" and node.target is operator.getitem and isinstance(
                 example_value(node.args[0]), (tuple, list)):

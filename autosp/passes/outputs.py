@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from torch import fx
 
-from autosp.passes.layout import SHARDED, layout_of
+from autosp.passes.layout import is_sharded, layout_of
 
 
 def outputs(ctx) -> None:
     out = next(n for n in ctx.graph.nodes if n.op == "output")
     values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     for i, value in enumerate(values):
-        if isinstance(value, fx.Node) and getattr(layout_of(value), "state", None) == SHARDED:
+        if isinstance(value, fx.Node) and not isinstance(layout_of(value), tuple) and is_sharded(layout_of(value)):
             ctx.output_layouts[i] = layout_of(value)
             ctx.counters["sharded_output"] += 1

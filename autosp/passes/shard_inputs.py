@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, layout_of
+from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, is_sharded, layout_of
 from autosp.passes.rules import _arg
 
 
 def _consumes_shards(node) -> bool:
-    layout = layout_of(node)
-    layouts = layout if isinstance(layout, tuple) else (layout,)
-    return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum") or any(
-        lay.state == SHARDED for lay in layouts)
+    return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum") or is_sharded(layout_of(node))
 
 
 def shard_inputs(ctx) -> None:
@@ -35,7 +32,7 @@ def shard_inputs(ctx) -> None:
         target = _arg(node, 1, "target") if rule == "cross_entropy" else None
         for src in node.all_input_nodes:
             lay = layout_of(src)
-            if src in keep_full or lay.state != FULL or lay.dim is None:
+            if src in keep_full or isinstance(lay, tuple) or lay.state != FULL or lay.dim is None:
                 continue
             pad = float(_arg(node, 4, "ignore_index", -100)) if src is target else pad_value
             key = (src, pad)

@@ -16,13 +16,8 @@ import operator
 import torch
 from torch import fx
 
-from autosp.passes.layout import RULE, SHARDED, example_value, layout_of
+from autosp.passes.layout import RULE, example_value, is_sharded, layout_of
 from autosp.passes import ops
-
-
-def _is_sharded(node) -> bool:
-    layout = layout_of(node)
-    return any(lay.state == SHARDED for lay in (layout if isinstance(layout, tuple) else (layout,)))
 
 
 def _localize(ctx, arg):
@@ -54,6 +49,6 @@ def local_sizes(ctx) -> None:
             expanded[position] = slice(None)
             node.args = (src, tuple(expanded))
             ctx.counters["tail_slice"] += 1
-        elif _is_sharded(node) and ops.takes_shape_args(node):
+        elif is_sharded(layout_of(node)) and ops.takes_shape_args(node):
             node.args = tuple(_localize(ctx, a) for a in node.args)
             node.kwargs = {k: _localize(ctx, v) for k, v in node.kwargs.items()}
