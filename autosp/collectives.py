@@ -13,6 +13,7 @@ unless the sequence was flattened together with later dims, e.g. ``[B*S]`` has i
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,24 @@ def resolve_group(key: str) -> dist.ProcessGroup:
     if group is None:
         raise RuntimeError(f"autosp: no process group registered under {key!r} on this rank")
     return group
+
+
+def collective_counts() -> Counter:
+    """Collectives this thread ran through autosp's ops, by kind (all_to_all, all_reduce), and
+    the bytes it sent (``*_bytes``). One counter per thread: per rank on the threaded simulator."""
+    if not hasattr(_THREAD_GROUPS, "counts"):
+        _THREAD_GROUPS.counts = Counter()
+    return _THREAD_GROUPS.counts
+
+
+def reset_collective_counts() -> None:
+    collective_counts().clear()
+
+
+def _count(kind: str, t: Tensor) -> None:
+    counts = collective_counts()
+    counts[kind] += 1
+    counts[kind + "_bytes"] += t.numel() * t.element_size()
 
 
 def _rank(key: str) -> int:
@@ -148,6 +167,7 @@ mask_padding.register_autograd(_mask_backward, setup_context=_mask_setup)
 def _all_to_all(x: Tensor, group: str) -> Tensor:
     """all_to_all over dim 0 of a contiguous tensor whose dim 0 is the world size."""
     out = torch.empty_like(x)
+    _count("all_to_all", x)
     dist.all_to_all_single(out, x.contiguous(), group=resolve_group(group))
     return out
 
@@ -230,6 +250,7 @@ def group_sum(x: Tensor, group: str) -> Tensor:
     """Sum of ``x`` over the group. Backward is the identity: each rank's gradient is that of its
     own contribution, so gradients summed over the group equal the single-device gradient."""
     out = x.clone()
+    _count("all_reduce", out)
     dist.all_reduce(out, group=resolve_group(group))
     return out
 

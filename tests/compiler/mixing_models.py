@@ -1,0 +1,82 @@
+"""Tiny causal LMs, each with one op that mixes values along the sequence (for soundness tests).
+
+``make(kind)`` builds the model; ``inputs_fn`` the batch. The op sits between the embedding and
+the LM head, so its input is a sharded activation.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, HIDDEN, HEADS = 32, 16, 4
+
+
+def _cumsum(h):
+    return h.cumsum(1)
+
+
+def _last_token(h):
+    return h + h[:, -1:]
+
+
+def _conv(h, conv):
+    return conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+def _eager_attention(h):
+    b, s, _ = h.shape
+    q = h.view(b, s, HEADS, -1).transpose(1, 2)
+    scores = q @ q.transpose(-1, -2)
+    return (scores.softmax(-1) @ q).transpose(1, 2).reshape(b, s, -1)
+
+
+def _sort(h):
+    return h.sort(dim=1).values
+
+
+def _flip(h):
+    return h.flip(1)
+
+
+def _gather(h):
+    index = torch.zeros_like(h, dtype=torch.long)
+    return torch.gather(h, 1, index)
+
+
+def _roll(h):
+    return torch.roll(h, 1, dims=1)
+
+
+def _sdpa(h):
+    """Positional apart from attention itself: the control that compiles."""
+    b, s, _ = h.shape
+    q = h.view(b, s, HEADS, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    return out.transpose(1, 2).reshape(b, s, -1)
+
+
+MIXERS = {"cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
+          "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
+          "roll": _roll}
+POSITIONAL = {"sdpa": _sdpa}
+
+
+class MixingLM(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.conv = nn.Conv1d(HIDDEN, HIDDEN, 3, padding=1)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, labels):
+        h = self.embed(input_ids)
+        mixer = {**MIXERS, **POSITIONAL}[self.kind]
+        h = mixer(h, self.conv) if self.kind == "conv1d" else mixer(h)
+        logits = self.head(h)
+        labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        return {"loss": F.cross_entropy(logits.view(-1, VOCAB), labels.reshape(-1)), "logits": logits}
+
+
+def inputs_fn(batch, seq_len, generator):
+    ids = torch.randint(0, VOCAB, (batch, seq_len), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
