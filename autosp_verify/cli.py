@@ -46,6 +46,13 @@ def _int_list(text: str) -> tuple:
     return values
 
 
+def _positive_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autosp-verify", description="Prove or disprove that a sequence-parallel "
                                 "implementation of a model is exact against the model on one device.")
@@ -54,7 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
                    "or path/to/file.py:CALLABLE")
     p.add_argument("--world-size", type=_int_list, default=(2,), help="SP degrees, comma-separated (default 2)")
     p.add_argument("--seq-len", type=_int_list, default=(16,), help="sequence lengths, comma-separated (default 16)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=_positive_int, default=2)
     p.add_argument("--dtype", choices=list(DTYPES), default="float64")
     p.add_argument("--simulator", choices=NAMES, default="threaded")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +78,8 @@ def parse_args(argv=None) -> Config:
                   a.json, a.rtol, a.atol)
 
 
-def run(config: Config, out=sys.stdout) -> int:
+def run(config: Config, out=None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirected stdout (tests, callers) is honoured
     cases = []
     try:
         for world_size in config.world_sizes:

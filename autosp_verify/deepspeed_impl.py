@@ -104,9 +104,25 @@ def _refusal(exc):
     return None
 
 
+def _inductor_backend(sp_size):
+    """``init_autosp``'s backend. init_autosp patches the min-cut partitioner by re-reading its
+    source, which works once per process only (later calls fail: "could not get source code"),
+    so every later rank or run in this process builds the same backend without re-patching."""
+    import torch._functorch.partitioners as partitioners
+    from deepspeed.compile.init_sp import init_autosp
+    from deepspeed.compile.passes.sp_compile import apply_autosp
+    with _LOCK:
+        if partitioners.solve_min_cut.__code__.co_filename != "<string>":  # not patched yet
+            return init_autosp(_Config(sp_size))
+
+    def backend_fn(gm, real_inputs):  # init_autosp's backend_fn, verbatim
+        apply_autosp(gm, real_inputs, debug=False, sp_size=sp_size, dp_size=1)
+        return torch._inductor.compile(gm, real_inputs)
+    return backend_fn
+
+
 def _prepare(model, group, inductor: bool):
     _install_comm_backend()
-    from deepspeed.compile.init_sp import init_autosp
     from deepspeed.compile.passes.sp_compile import apply_autosp, prepare_autosp_inputs
     sp_size = group.size()
     if sp_size != dist.get_world_size():
@@ -115,7 +131,7 @@ def _prepare(model, group, inductor: bool):
     if dist.get_backend(group) in ("threaded", "fake"):
         _reset_registry_in_process(group)
     if inductor:
-        backend = init_autosp(_Config(sp_size))
+        backend = _inductor_backend(sp_size)
     else:
         def backend(gm, example_inputs):
             apply_autosp(gm, example_inputs, debug=False, sp_size=sp_size, dp_size=1)

@@ -70,6 +70,12 @@ def _num(x):
     return "-" if x is None else f"{x:.2e}"
 
 
+def _first_line(text: str) -> str:
+    """Compiler errors run to pages: the table shows the first line, the JSON keeps it all."""
+    first, _, rest = text.strip().partition("\n")
+    return first + (" [...]" if rest.strip() else "")
+
+
 def format_table(cases) -> str:
     rows = [("impl", "simulator", "P", "S", "loss err", "worst grad (rel err)", "verdict")]
     for c in cases:
@@ -80,8 +86,9 @@ def format_table(cases) -> str:
     lines = []
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if i and (cases[i - 1].error or cases[i - 1].failures):
-            for detail in ([cases[i - 1].error] if cases[i - 1].error else []) + cases[i - 1].failures[:5]:
+        case = cases[i - 1] if i else None
+        if case and (case.error or case.failures):
+            for detail in ([_first_line(case.error)] if case.error else []) + case.failures[:5]:
                 lines.append(f"    {detail}")
     return "\n".join(lines)
 

@@ -49,6 +49,9 @@ def _payload(sim, spec, base, batch, folder):
 def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
              rtol: float | None = None, atol: float | None = None) -> CaseResult:
     """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input."""
+    for name in ("world_size", "seq_len", "batch"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(spec, name)!r}")
     sim = get_simulator(simulator)
     tol = tolerance_for(DTYPES[spec.dtype], rtol, atol)
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run

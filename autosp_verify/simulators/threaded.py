@@ -22,7 +22,7 @@ from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationE
                                            failure_from_exception)
 
 _RUN_LOCK = threading.Lock()  # the threaded world is process-global: one run at a time
-_ABANDON_GRACE_S = 2.0
+_WAKE_GRACE_S, _ABANDON_GRACE_S = 0.5, 2.0
 
 
 def _mtpg():
@@ -87,12 +87,17 @@ def _timeout_failure(timeout, pending):
 
 
 def _abandon(threads):
-    _mtpg().ProcessLocalGroup.exception_handle(None)
+    _mtpg().ProcessLocalGroup.exception_handle(None)  # ranks waiting in a collective exit on their own
+    _join(threads, _WAKE_GRACE_S)
     for t in threads:
         if t.is_alive() and t.ident is not None:
             # Fires at the thread's next bytecode: stops Python-level hangs and busy loops.
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
-    deadline = time.monotonic() + _ABANDON_GRACE_S
+    _join(threads, _ABANDON_GRACE_S)
+
+
+def _join(threads, seconds):
+    deadline = time.monotonic() + seconds
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
 

@@ -82,3 +82,10 @@ def test_split_output_forms():
     assert list(split_output(Out())[1]) == ["logits"]
     with pytest.raises(OutputError, match="no loss"):
         split_output({"logits": logits})
+
+
+def test_split_output_hf_model_output():
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    loss, logits = torch.tensor(1.0), torch.zeros(2, 3)
+    got = split_output(outputs.CausalLMOutputWithPast(loss=loss, logits=logits))
+    assert got[0] is loss and list(got[1]) == ["logits"]
