@@ -173,3 +173,20 @@ def rank_fn(ctx, payload):
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
             "grads": {n: g.detach().cpu() for n, g in grads.items()}}
+
+
+def _warm_up(payload, world_size):
+    """Main-thread hook for in-process simulators: let the impl compile once (see impls.py).
+    Any failure is left for the ranks to meet and report with their rank."""
+    case = payload if isinstance(payload, LoadedCase) else LoadedCase.from_spec(payload)
+    impl = resolve_impl(case.spec.impl)
+    hook = getattr(impl, "warm_up", None)
+    if hook is None:
+        return
+    try:
+        hook(case.replica("cpu"), world_size, case.batch_for("cpu"))
+    except Exception:
+        pass
+
+
+rank_fn.warm_up = _warm_up

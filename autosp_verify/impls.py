@@ -29,9 +29,15 @@ or any exception whose class has a truthy ``autosp_unsupported`` attribute makes
 "unsupported" with its message. Any other exception makes the case an "error" (the impl crashed
 on a model it accepted), reported with the rank and the exception type and message.
 
+Optional hook: ``impl.warm_up(model, world_size, batch)``, when the impl has it, is called once
+on the main thread before the in-process (threaded) simulator starts its ranks, with a replica
+and the full batch, so that an impl can compile once rather than once per rank thread. A failure
+there is ignored: the ranks then meet it and report it with their rank.
+
 Names
 -----
-``autosp``: ``autosp.compile(model, group=group)``. ``deepspeed``: DeepSpeed's own AutoSP passes
+``autosp``: ``autosp.compile(model, group=group, backend="aot_eager")``: the rewrite alone.
+``autosp-inductor``: the same with Inductor (``autosp.compile``'s default backend). ``deepspeed``: DeepSpeed's own AutoSP passes
 and backend (passes + Inductor); ``deepspeed-eager``: the same passes, the rewritten graph run
 eagerly (no Inductor; seconds instead of minutes on CPU). ``MODULE:CALLABLE`` or
 ``path/to/file.py:CALLABLE``: a user's callable.
@@ -57,9 +63,28 @@ def is_refusal(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.AutoSPError)
 
 
-def _autosp_impl(model, group):
-    import autosp
-    return autosp.compile(model, group=group)
+def _autosp_impl_for(backend: str):
+    """autosp.compile with the inner backend ``backend``. The impl has a ``warm_up`` hook: the
+    threaded simulator calls it once on the main thread so that rank threads find the graph
+    compiled (Dynamo would otherwise compile it once per rank thread)."""
+    def impl(model, group):
+        import autosp
+        return autosp.compile(model, group=group, backend=backend)
+
+    def warm_up(model, world_size, batch):
+        import autosp
+        autosp.compile(model, backend=backend).warm_up(world_size, **batch)
+
+    impl.warm_up = warm_up
+    impl.__qualname__ = f"autosp[{backend}]"
+    return impl
+
+
+# "autosp" checks the rewrite itself: AOTAutograd without codegen runs the same ATen ops as the
+# single-device reference, so any difference is the rewrite's. "autosp-inductor" adds Inductor,
+# whose fused kernels round differently (float32-level differences appear even without SP when a
+# model computes its loss in float32, as HF models do).
+_AUTOSP_IMPLS = {"autosp": _autosp_impl_for("aot_eager"), "autosp-inductor": _autosp_impl_for("inductor")}
 
 
 def _check_autosp():
@@ -107,9 +132,9 @@ def resolve_impl(spec) -> Callable:
     """An impl name, 'MODULE:CALLABLE', 'file.py:CALLABLE', or a callable -> the impl callable."""
     if callable(spec):
         return spec
-    if spec == "autosp":
+    if spec in _AUTOSP_IMPLS:
         _check_autosp()
-        return _autosp_impl
+        return _AUTOSP_IMPLS[spec]
     if spec in ("deepspeed", "deepspeed-eager"):
         _check_deepspeed()
         from autosp_verify import deepspeed_impl

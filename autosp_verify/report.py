@@ -31,7 +31,8 @@ class CaseResult:
     worst_tensor: Optional[dict] = None  # {"name", "abs_err", "rel_err"}
     worst_grad: Optional[dict] = None  # {"name", "rel_err"}
     error: Optional[str] = None
-    failures: list = field(default_factory=list)  # one line per failing tensor
+    failures: list = field(default_factory=list)  # one line per failing tensor, worst first
+    tensors: list = field(default_factory=list)  # every check: {"name", "abs_err", "rel_err", "passed"}
 
     @property
     def passed(self) -> bool:

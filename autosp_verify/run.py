@@ -83,6 +83,8 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
     result.worst_tensor = {"name": worst.name, "abs_err": worst.abs_err, "rel_err": worst.rel_err}
     result.worst_grad = None if grad is None else {"name": grad.name.removeprefix("grad "), "rel_err": grad.rel_err}
     result.failures = cmp.failures()
+    result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
+                      for c in cmp.checks]
     return result
 
 

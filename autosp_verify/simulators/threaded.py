@@ -107,7 +107,14 @@ class ThreadedSimulator(Simulator):
     in_process = True
 
     def run(self, world_size, rank_fn, payload, timeout):
-        with _RUN_LOCK, _threaded_world() as world:
+        warm_up = getattr(rank_fn, "warm_up", None)
+        with _RUN_LOCK:
+            if warm_up is not None:  # on this thread, before any rank: compile once, not per rank
+                warm_up(payload, world_size)
+            return self._run(world_size, rank_fn, payload, timeout)
+
+    def _run(self, world_size, rank_fn, payload, timeout):
+        with _threaded_world() as world:
             store = dist.HashStore()
             events = queue.Queue()
             threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-rank{r}", daemon=True,

@@ -3,6 +3,8 @@ target. These tests record what DeepSpeed does, not what it should do: its forwa
 logits shards concatenate to the reference), but every rank returns the mean loss over its own
 shard, labels are sharded before the causal shift, and so loss and gradients are wrong. The
 verifier must REPORT that, with numbers."""
+import functools
+
 import pytest
 
 from autosp_verify import verify_file
@@ -21,8 +23,13 @@ def assert_deepspeed_findings(r):
     assert not any(f.startswith("logits") for f in r.failures)  # the forward itself is exact
 
 
+@functools.cache
+def eager_threaded():
+    return verify_file(TINY, impl="deepspeed-eager", world_size=2)
+
+
 def test_deepspeed_eager_threaded():
-    assert_deepspeed_findings(verify_file(TINY, impl="deepspeed-eager", world_size=2))
+    assert_deepspeed_findings(eager_threaded())
 
 
 def test_deepspeed_refusals_are_unsupported():
@@ -40,10 +47,9 @@ def test_deepspeed_structural_at_p16():
 
 @pytest.mark.multiproc
 def test_deepspeed_eager_gloo_matches_threaded():
-    threaded = verify_file(TINY, impl="deepspeed-eager", world_size=2)
     gloo = verify_file(TINY, impl="deepspeed-eager", world_size=2, simulator="gloo")
     assert_deepspeed_findings(gloo)
-    assert gloo.failures == threaded.failures
+    assert gloo.failures == eager_threaded().failures
 
 
 @pytest.mark.slow
@@ -51,5 +57,4 @@ def test_deepspeed_inductor_threaded():
     """DeepSpeed's real backend (passes + Inductor): minutes of C++ compile on a cold cache."""
     r = verify_file(TINY, impl="deepspeed", world_size=2, timeout=900)
     assert_deepspeed_findings(r)
-    eager = verify_file(TINY, impl="deepspeed-eager", world_size=2)
-    assert r.loss_abs_err == pytest.approx(eager.loss_abs_err, rel=1e-9)
+    assert r.loss_abs_err == pytest.approx(eager_threaded().loss_abs_err, rel=1e-9)

@@ -49,3 +49,9 @@ def test_callable_impl_is_refused_by_process_simulators():
     from .ulysses_impls import ulysses as impl
     with pytest.raises(ValueError, match="MODULE:CALLABLE"):
         verify_file(TINY, impl=impl, simulator="gloo")
+
+
+def test_mismatched_collectives_end_within_the_timeout():
+    start = time.monotonic()
+    r = verify_file(TINY, impl=broken("mismatched_collectives"), world_size=2, simulator="gloo", timeout=3)
+    assert time.monotonic() - start < 20 and r.status == "error" and "rank" in r.error
