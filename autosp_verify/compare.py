@@ -7,7 +7,9 @@ Metric, per tensor, computed in float64 over the finite entries::
     passes  iff  abs_err <= atol + rtol * max |ref|
 
 NaN/Inf in the impl where the reference is finite is a failure named as such. ``rtol`` is set by
-the dtype the case runs in; ``atol`` is tiny (about 1000 ulp of 1.0 in float64, 1 ulp-ish in
+the dtype the case runs in, or by the compared tensor's own dtype when that is coarser: a model
+that computes its loss in float32 inside a float64 run (HF upcasts logits with ``.float()``)
+produces a float32 loss, which carries float32 precision whatever the case dtype; ``atol`` is tiny (about 1000 ulp of 1.0 in float64, 1 ulp-ish in
 the others) and only matters for tensors whose reference is all (near) zero, e.g. the gradient
 of a parameter that does not reach the loss. The CLI may override both (``--rtol``,
 ``--atol``); tests never loosen them.
@@ -24,6 +26,7 @@ import torch
 class Tolerance:
     rtol: float
     atol: float
+    explicit: bool = False  # given on the command line: applies to every tensor as it is
 
 
 TOLERANCES = {
@@ -38,7 +41,16 @@ def tolerance_for(dtype: torch.dtype, rtol: float | None = None, atol: float | N
     if dtype not in TOLERANCES:
         raise ValueError(f"no tolerance for dtype {dtype}; choose one of {', '.join(map(str, TOLERANCES))}")
     base = TOLERANCES[dtype]
-    return Tolerance(base.rtol if rtol is None else rtol, base.atol if atol is None else atol)
+    return Tolerance(base.rtol if rtol is None else rtol, base.atol if atol is None else atol,
+                     explicit=rtol is not None or atol is not None)
+
+
+def _for_tensor(tol: Tolerance, dtype: torch.dtype) -> Tolerance:
+    """The tolerance for a tensor of ``dtype``: its own table entry when coarser than the case's."""
+    own = TOLERANCES.get(dtype)
+    if tol.explicit or own is None or own.rtol <= tol.rtol:
+        return tol
+    return own
 
 
 @dataclass
@@ -56,6 +68,7 @@ class TensorCheck:
 
 
 def check_tensor(name: str, impl: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> TensorCheck:
+    tol = _for_tensor(tol, ref.dtype)
     if tuple(impl.shape) != tuple(ref.shape):
         return TensorCheck(name, problem=f"shape {tuple(impl.shape)}, reference {tuple(ref.shape)}")
     i, r = impl.detach().cpu().double(), ref.detach().cpu().double()

@@ -48,6 +48,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 from typing import Callable
 
 
@@ -102,25 +103,31 @@ def _check_deepspeed():
         raise ImplUnavailable("impl 'deepspeed': the deepspeed package is not installed")
 
 
+_LOAD_LOCK = threading.Lock()  # rank threads may resolve the same file at once
+
+
 def _load_callable(spec: str) -> Callable:
     target, _, attr = spec.rpartition(":")
+    name = None
     try:
-        if target.endswith(".py"):
-            from autosp_verify.model_file import _module_name
-            path = os.path.abspath(target)
-            name = _module_name(path)
-            module = sys.modules.get(name)
-            if module is None:
-                mod_spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(mod_spec)
-                sys.modules[name] = module
-                mod_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.append(os.getcwd())  # a console script's sys.path lacks the working dir
-            module = importlib.import_module(target)
+        with _LOAD_LOCK:
+            if target.endswith(".py"):
+                from autosp_verify.model_file import _module_name
+                path = os.path.abspath(target)
+                name = _module_name(path)
+                module = sys.modules.get(name)
+                if module is None:
+                    mod_spec = importlib.util.spec_from_file_location(name, path)
+                    module = importlib.util.module_from_spec(mod_spec)
+                    sys.modules[name] = module  # before exec: its classes must be findable (Dynamo, pickle)
+                    mod_spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.append(os.getcwd())  # a console script's sys.path lacks the working dir
+                module = importlib.import_module(target)
     except Exception as exc:
-        sys.modules.pop(locals().get("name", ""), None)
+        if name is not None:
+            sys.modules.pop(name, None)
         raise ImplUnavailable(f"impl {spec!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -89,3 +89,24 @@ def test_split_output_hf_model_output():
     loss, logits = torch.tensor(1.0), torch.zeros(2, 3)
     got = split_output(outputs.CausalLMOutputWithPast(loss=loss, logits=logits))
     assert got[0] is loss and list(got[1]) == ["logits"]
+
+
+def test_a_float32_tensor_in_a_float64_case_is_held_to_float32_precision():
+    tol = tolerance_for(torch.float64)
+    ref32 = torch.tensor([4.0], dtype=torch.float32)
+    assert check_tensor("loss", ref32 + 4e-7, ref32, tol).passed  # one float32 ulp of 4.0 is 4.8e-7
+    assert not check_tensor("loss", ref32 + 1e-3, ref32, tol).passed
+
+
+def test_a_float64_tensor_keeps_float64_precision_next_to_float32_ones():
+    """Negative control for the rule above: float64 tensors are not held to the float32 entry."""
+    tol = tolerance_for(torch.float64)
+    ref = torch.tensor([4.0], dtype=torch.float64)
+    assert check_tensor("grad w", ref + 1e-12, ref, tol).passed
+    assert not check_tensor("grad w", ref + 1e-8, ref, tol).passed
+
+
+def test_an_explicit_tolerance_applies_to_every_tensor_as_given():
+    tol = tolerance_for(torch.float64, rtol=1e-12)
+    ref32 = torch.tensor([4.0], dtype=torch.float32)
+    assert not check_tensor("loss", ref32 + 4.8e-7, ref32, tol).passed
