@@ -105,7 +105,8 @@ def check_loss(ref: torch.Tensor, rank_losses: dict, tol: Tolerance) -> TensorCh
     values = {r: loss.double().item() for r, loss in rank_losses.items()}
     spread = max(values.values()) - min(values.values())
     problem = ""
-    if spread > tol.atol + tol.rtol * abs(ref.double().item()):
+    own = _for_tensor(tol, ref.dtype)  # the same tolerance the per-rank checks use
+    if spread > own.atol + own.rtol * abs(ref.double().item()):
         problem = "loss differs across ranks: " + ", ".join(f"rank {r} {v:.10g}" for r, v in values.items())
     return _worst(checks, "loss", problem)
 
