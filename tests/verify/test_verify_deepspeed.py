@@ -9,7 +9,7 @@ import pytest
 
 from autosp_verify import verify_file
 
-from .conftest import TINY, WIDE
+from .conftest import HERE, TINY, WIDE
 
 pytest.importorskip("deepspeed")
 
@@ -30,6 +30,17 @@ def eager_threaded():
 
 def test_deepspeed_eager_threaded():
     assert_deepspeed_findings(eager_threaded())
+
+
+def test_deepspeed_gradients_are_exactly_p_times_on_aligned_inputs():
+    """Diagnosis: with no target across the shard boundary and equal targets per shard, the forward
+    is bitwise exact and the summed gradients are exactly P = 2 times the true ones (each rank
+    differentiates its own mean), so the all-to-all and its backward are right; the loss is not."""
+    r = verify_file(f"{HERE}/aligned_model.py", impl="deepspeed-eager", world_size=2)
+    errors = {t["name"]: t for t in r.tensors}
+    assert r.status == "fail" and errors["logits"]["abs_err"] == 0.0
+    grads = [t["rel_err"] for n, t in errors.items() if n.startswith("grad ")]
+    assert grads and all(g == pytest.approx(1.0, abs=1e-9) for g in grads)  # |2g - g| / max|g|, every tensor
 
 
 def test_deepspeed_refusals_are_unsupported():
