@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch._dynamo.exc import BackendCompilerFailed, Unsupported
+from torch.fx.experimental import _config as fx_config
 
 from autosp import collectives
 from autosp.backend import backend_for
@@ -20,7 +21,12 @@ def _mark(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
     if t.shape[seq_dim] < 2:
         raise AutoSPError(f"sequence length {t.shape[seq_dim]} is too short (need at least 2)")
     alias = t.view(t.shape)
-    torch._dynamo.mark_dynamic(alias, seq_dim)
+    # maybe_: a length whose chunk has size 1 makes broadcasting guard on it; that specialises
+    # (one more compile) instead of failing. The sequence stays a symbol in the Dynamo graph.
+    torch._dynamo.maybe_mark_dynamic(alias, seq_dim)
+    for dim in range(t.dim()):  # never symbolic: a batch equal to the length would share its symbol
+        if dim != seq_dim:
+            torch._dynamo.mark_static(alias, dim)
     return alias
 
 
@@ -67,7 +73,8 @@ class CompiledSP:
             args[first] = _mark(args[first], seq_dim)
         kwargs = {k: _mark(v, seq_dim) if k in names and isinstance(v, torch.Tensor) else v
                   for k, v in kwargs.items()}
-        lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()] if hasattr(t, "_dynamo_dynamic_indices")}
+        lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()]
+                   if seq_dim in getattr(t, "_dynamo_weak_dynamic_indices", ())}
         if len(lengths) > 1:
             raise AutoSPError(f"sequence inputs disagree on the length along dim {seq_dim}: {sorted(lengths)}")
         return args, kwargs, lengths.pop() if lengths else None
@@ -100,7 +107,9 @@ class CompiledSP:
             raise AutoSPError(f"sequence length {length} is not divisible by the group size {size} "
                               "(padding='error')")
         try:
-            return self._for_size(size)(*args, **kwargs)
+            # No duck sizing: another dynamic dim equal to the length must not share its symbol.
+            with fx_config.patch(use_duck_shape=False):
+                return self._for_size(size)(*args, **kwargs)
         except BackendCompilerFailed as e:
             if isinstance(e.inner_exception, AutoSPError):
                 raise e.inner_exception.with_traceback(None) from None

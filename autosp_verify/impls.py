@@ -37,7 +37,8 @@ there is ignored: the ranks then meet it and report it with their rank.
 Names
 -----
 ``autosp``: ``autosp.compile(model, group=group, backend="aot_eager")``: the rewrite alone.
-``autosp-inductor``: the same with Inductor (``autosp.compile``'s default backend). ``deepspeed``: DeepSpeed's own AutoSP passes
+``autosp-inductor``: the same with Inductor (``autosp.compile``'s default backend).
+``autosp-eager``: the same rewritten graph run eagerly (fast to compile; property tests). ``deepspeed``: DeepSpeed's own AutoSP passes
 and backend (passes + Inductor); ``deepspeed-eager``: the same passes, the rewritten graph run
 eagerly (no Inductor; seconds instead of minutes on CPU). ``MODULE:CALLABLE`` or
 ``path/to/file.py:CALLABLE``: a user's callable.
@@ -85,7 +86,10 @@ def _autosp_impl_for(backend: str):
 # single-device reference, so any difference is the rewrite's. "autosp-inductor" adds Inductor,
 # whose fused kernels round differently (float32-level differences appear even without SP when a
 # model computes its loss in float32, as HF models do).
-_AUTOSP_IMPLS = {"autosp": _autosp_impl_for("aot_eager"), "autosp-inductor": _autosp_impl_for("inductor")}
+# "autosp-eager" runs the rewritten graph eagerly (autograd through the custom ops): the same
+# rewrite, compiled in a fraction of the time, for property tests that draw many architectures.
+_AUTOSP_IMPLS = {"autosp": _autosp_impl_for("aot_eager"), "autosp-inductor": _autosp_impl_for("inductor"),
+                 "autosp-eager": _autosp_impl_for("eager")}
 
 
 def _check_autosp():

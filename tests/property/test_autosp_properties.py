@@ -5,6 +5,7 @@ Values are built, not filtered: query heads are a multiple of the kv heads, and 
 is a documented refusal, tested in tests/compiler); P need not divide the query heads (padded
 heads) nor the sequence length (padded sequence).
 """
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,10 +47,18 @@ def _inputs_fn(positions, padding_mask):
     return inputs_fn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _many_architectures():
+    """Every drawn architecture is one more graph of the same forward: lift Dynamo's recompile
+    limit (a hard failure under fullgraph, never a silent fallback) for this module only."""
+    with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
+        yield
+
+
 @given(cases())
 def test_autosp_matches_one_device(case):
     result = autosp_verify.verify(
         lambda: ConfigurableLM(case["config"]), _inputs_fn(case["positions"], case["padding_mask"]),
-        impl="autosp", world_size=case["world_size"], seq_len=case["seq_len"], batch=case["batch"],
+        impl="autosp-eager", world_size=case["world_size"], seq_len=case["seq_len"], batch=case["batch"],
         dtype=case["dtype"], seed=case["seed"])
     assert result.passed, (case, result.status, result.error, result.failures[:5])
