@@ -1,0 +1,72 @@
+"""Only the Ulysses minimum is communicated: per attention layer, forward one all-to-all each for
+q, k, v and the output, backward the matching four; plus one all-reduce for the loss. Counted at
+run time per rank (each rank thread has its own counter) on the HF fixtures."""
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import autosp
+from autosp_verify.simulators import get_simulator
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"fixture_{name}", os.path.join(FIXTURES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _count(ctx, payload):
+    model, batch = copy.deepcopy(payload["model"]), payload["batch"]
+    step = autosp.compile(model, group=ctx.group, backend="aot_eager")
+    autosp.reset_collective_counts()
+    loss = step(**batch).loss
+    forward = dict(autosp.collective_counts())
+    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    total = dict(autosp.collective_counts())
+    return forward, total
+
+
+def _run(fixture, world_size, seq_len):
+    torch.manual_seed(0)
+    model = fixture.model_fn()
+    batch = fixture.inputs_fn(2, seq_len, torch.Generator().manual_seed(0))
+    autosp.compile(copy.deepcopy(model), backend="aot_eager").warm_up(world_size, **batch)
+    return get_simulator("threaded").run(world_size, _count, {"model": model, "batch": batch}, 120)
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_mistral"])
+@pytest.mark.parametrize("world_size,seq_len", [(2, 16), (4, 13)])
+def test_collectives_are_the_ulysses_minimum(name, world_size, seq_len):
+    fixture = _load(name)
+    layers = fixture.model_fn().config.num_hidden_layers
+    for forward, total in _run(fixture, world_size, seq_len):
+        assert (forward["all_to_all"], forward["all_reduce"]) == (4 * layers, 1)
+        assert (total["all_to_all"], total["all_reduce"]) == (8 * layers, 1)
+
+
+WITHOUT_LOSS_PASS = autosp.SPConfig(backend="aot_eager", passes=(
+    "layout", "shard_inputs", "local_sizes", "attention", "outputs"))
+
+
+def _count_without_loss_pass(ctx, payload):
+    model = copy.deepcopy(payload["model"])
+    step = autosp.compile(model, config=autosp.SPConfig(**{**vars(WITHOUT_LOSS_PASS), "group": ctx.group}))
+    autosp.reset_collective_counts()
+    step(**payload["batch"])
+    return dict(autosp.collective_counts())
+
+
+def test_a_rewrite_without_the_loss_pass_is_seen_in_the_count():
+    """Negative control: the count is measured, not assumed. Without the loss pass each rank
+    returns the mean over its own shard (DeepSpeed's behaviour) and no all-reduce runs."""
+    fixture = _load("hf_llama")
+    torch.manual_seed(0)
+    model, batch = fixture.model_fn(), fixture.inputs_fn(2, 8, torch.Generator().manual_seed(0))
+    counts = get_simulator("threaded").run(2, _count_without_loss_pass, {"model": model, "batch": batch}, 120)
+    assert all(c.get("all_reduce", 0) == 0 and c["all_to_all"] == 8 for c in counts)
