@@ -166,9 +166,10 @@ mask_padding.register_autograd(_mask_backward, setup_context=_mask_setup)
 
 def _all_to_all(x: Tensor, group: str) -> Tensor:
     """all_to_all over dim 0 of a contiguous tensor whose dim 0 is the world size."""
-    out = torch.empty_like(x)
+    x = x.contiguous()
+    out = torch.empty_like(x)  # contiguous too: backends write the buffer in rank-major order
     _count("all_to_all", x)
-    dist.all_to_all_single(out, x.contiguous(), group=resolve_group(group))
+    dist.all_to_all_single(out, x, group=resolve_group(group))
     return out
 
 

@@ -63,7 +63,10 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
     with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder:
         payload = _payload(sim, spec, base, batch, folder)
         try:
-            ranks = sim.run(spec.world_size, rank_fn, payload, timeout)
+            # One process verifies many models through the same forward code; under fullgraph
+            # Dynamo's recompile limit would fail them (never silently), so lift it meanwhile.
+            with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
+                ranks = sim.run(spec.world_size, rank_fn, payload, timeout)
         except SimulationError as exc:
             result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
             result.error = exc.failure.message

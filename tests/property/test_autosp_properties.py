@@ -5,7 +5,6 @@ Values are built, not filtered: query heads are a multiple of the kv heads, and 
 is a documented refusal, tested in tests/compiler); P need not divide the query heads (padded
 heads) nor the sequence length (padded sequence).
 """
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,14 +44,6 @@ def _inputs_fn(positions, padding_mask):
             batch_inputs["attention_mask"] = mask
         return batch_inputs
     return inputs_fn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _many_architectures():
-    """Every drawn architecture is one more graph of the same forward: lift Dynamo's recompile
-    limit (a hard failure under fullgraph, never a silent fallback) for this module only."""
-    with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
-        yield
 
 
 @given(cases())

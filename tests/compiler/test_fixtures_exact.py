@@ -1,0 +1,56 @@
+"""Every bundled fixture, through the verifier against one device: P in {2, 4, 8} on threads and
+{2, 4} on gloo, lengths that P does and does not divide, float64 and float32, with and without
+position_ids. The table's tolerances (float64 1e-10, float32 1e-5 relative) decide."""
+import glob
+import os
+
+import pytest
+import torch
+
+from autosp_verify import verify
+from autosp_verify.model_file import load_model_file
+
+FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "[!_]*.py")))
+IDS = [os.path.basename(p)[:-3] for p in FIXTURES]
+
+
+def _with_positions(inputs_fn):
+    def inputs(batch, seq_len, generator):
+        out = inputs_fn(batch, seq_len, generator)
+        out["position_ids"] = torch.arange(seq_len).expand(batch, seq_len)
+        return out
+    return inputs
+
+
+def _check(path, impl="autosp-eager", positions=False, dtype=torch.float64, simulator="threaded", **case):
+    loaded = load_model_file(path)
+    inputs_fn = _with_positions(loaded.inputs_fn) if positions else loaded.inputs_fn
+    result = verify(loaded.model_fn, inputs_fn, impl=impl, dtype=dtype, simulator=simulator, **case)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    return result
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=IDS)
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_fixture_is_exact_on_threads(path, world_size):
+    for seq_len in (16, 13):  # divisible by P, and not
+        _check(path, world_size=world_size, seq_len=seq_len)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=IDS)
+def test_fixture_is_exact_with_position_ids_and_in_float32(path):
+    _check(path, positions=True, world_size=4, seq_len=13)
+    _check(path, dtype=torch.float32, world_size=4, seq_len=13)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=IDS)
+def test_fixture_is_exact_through_aot_autograd(path):
+    """The default impl: the rewritten graph through AOTAutograd (what Inductor receives)."""
+    _check(path, impl="autosp", world_size=4, seq_len=11)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fixture_is_exact_on_gloo_processes(world_size):
+    path = next(p for p in FIXTURES if p.endswith("hf_llama.py"))
+    _check(path, impl="autosp", simulator="gloo", world_size=world_size, seq_len=13, timeout=300)
