@@ -52,7 +52,7 @@ class FakeSimulator(Simulator):
             worker.join(timeout)
             alive = worker.is_alive()
             if alive:
-                _abandon([worker])
+                _abandon([worker], hung=True)
         while not events.empty():
             rank, failure, value = events.get()
             if failure is not None:

@@ -1,14 +1,22 @@
 """P ranks as P threads on torch's threaded process group: exact collectives, ~ms to start.
 
 Pitfalls this module handles (see the field notes): the C++ group-name registry is process-wide
-unless thread isolation is on; ProcessLocalGroup keeps class-level state (pending collectives,
-a terminate flag) that must be reset before each run; a thread cannot be killed, so on a failure
-we wake every rank blocked in a collective (``exception_handle``), raise SystemExit
-asynchronously in the rest, and leave them as daemon threads.
+unless thread isolation is on; ProcessLocalGroup keeps class-level state (pending collectives
+keyed by group name, a terminate flag) that must be reset before each run, and every run gets
+its own group name so that a rank left over from an earlier run can never join this run's
+collectives. A thread cannot be killed: when a rank fails we wake every rank blocked in a
+collective (``exception_handle``) and let the rest run out as daemon threads; when a run times
+out we also raise SystemExit asynchronously in the ranks still alive (it fires at their next
+bytecode, which ends Python-level hangs). Before the next run starts, leftovers of earlier runs
+are stopped the same way and waited for (an impl's process-global state, e.g. DeepSpeed's group
+registry, must not change under the new run); at exit too, so the interpreter does not shut
+down under a thread still inside C++ (e.g. a compile).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import itertools
 import queue
 import threading
 import time
@@ -22,7 +30,10 @@ from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationE
                                            failure_from_exception)
 
 _RUN_LOCK = threading.Lock()  # the threaded world is process-global: one run at a time
-_WAKE_GRACE_S, _ABANDON_GRACE_S = 0.5, 2.0
+_WAKE_GRACE_S, _ABANDON_GRACE_S, _SETTLE_S, _EXIT_GRACE_S = 0.5, 2.0, 10.0, 10.0
+_RUN_IDS = itertools.count(1000)  # a fresh process-group name per run
+_LEFTOVER = []  # rank threads of failed runs still running impl code when their run ended
+_STUCK = []  # threads already sent SystemExit that have not died (blocked in C): never waited for again
 
 
 def _mtpg():
@@ -34,6 +45,7 @@ def _mtpg():
 @contextmanager
 def _threaded_world():
     mtpg = _mtpg()
+    _settle_leftovers()
     mtpg.ProcessLocalGroup.reset()  # clears what an abandoned earlier run left behind
     world = mtpg._install_threaded_pg()
     isolation = getattr(torch._C._distributed_c10d, "_set_thread_isolation_mode", None)
@@ -54,8 +66,9 @@ def _rank_thread(*args):
         pass
 
 
-def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout):
+def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout, run_id):
     try:
+        world.group_count = run_id  # the default group is named after the run, not "0" every time
         dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))
         ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"))
@@ -86,14 +99,41 @@ def _timeout_failure(timeout, pending):
     return RankFailure(stuck[0] if stuck else min(pending), "timeout", message)
 
 
-def _abandon(threads):
+def _abandon(threads, hung: bool):
     _mtpg().ProcessLocalGroup.exception_handle(None)  # ranks waiting in a collective exit on their own
     _join(threads, _WAKE_GRACE_S)
+    if hung:
+        _raise_in(threads)
+        _join(threads, _ABANDON_GRACE_S)
+    (_STUCK if hung else _LEFTOVER).extend(t for t in threads if t.is_alive())
+
+
+def _raise_in(threads):
     for t in threads:
         if t.is_alive() and t.ident is not None:
             # Fires at the thread's next bytecode: stops Python-level hangs and busy loops.
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
-    _join(threads, _ABANDON_GRACE_S)
+
+
+def _stop(threads, seconds):
+    _mtpg().ProcessLocalGroup.exception_handle(None)  # the terminate flag may have been reset since
+    _raise_in(threads)
+    _join(threads, seconds)
+
+
+def _settle_leftovers():
+    alive = [t for t in _LEFTOVER if t.is_alive()]
+    _LEFTOVER.clear()
+    if alive:
+        _stop(alive, _SETTLE_S)
+        _STUCK.extend(t for t in alive if t.is_alive())
+
+
+@atexit.register
+def _stop_leftovers_at_exit():
+    alive = [t for t in _LEFTOVER + _STUCK if t.is_alive()]
+    if alive:
+        _stop(alive, _EXIT_GRACE_S)
 
 
 def _join(threads, seconds):
@@ -117,15 +157,16 @@ class ThreadedSimulator(Simulator):
         with _threaded_world() as world:
             store = dist.HashStore()
             events = queue.Queue()
-            threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-rank{r}", daemon=True,
-                                        args=(r, world_size, store, rank_fn, payload, events, world, timeout))
+            run_id = next(_RUN_IDS)
+            threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-run{run_id}-rank{r}", daemon=True,
+                                        args=(r, world_size, store, rank_fn, payload, events, world, timeout, run_id))
                        for r in range(world_size)]
             for t in threads:
                 t.start()
             try:
                 return _collect(events, world_size, timeout)
-            except SimulationError:
-                _abandon(threads)
+            except SimulationError as exc:
+                _abandon(threads, hung=exc.failure.kind == "timeout")
                 raise
 
 

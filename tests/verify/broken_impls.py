@@ -1,4 +1,5 @@
 """Impls that misbehave on purpose, for the verifier's robustness tests (loadable by file path)."""
+import threading
 import time
 
 import torch
@@ -86,3 +87,32 @@ def rank_mutates_weights(model, group):
         for p in model.parameters():
             p.add_(1.0)
     return lambda **batch: _loss(model, batch)
+
+
+STRAGGLER_GO = threading.Event()
+
+
+def straggler(model, group):
+    """Rank 1 fails at once; rank 0 outlives the run and, once released, all-reduces in a loop."""
+    def step(**batch):
+        if dist.get_rank(group) == 1:
+            raise RuntimeError("boom on rank 1")
+        while not STRAGGLER_GO.is_set():  # Python-level wait: interruptible by the simulator
+            time.sleep(0.01)
+        for _ in range(1000):
+            dist.all_reduce(torch.ones(1), group=group)
+        return _loss(model, batch)
+    return step
+
+
+def releasing_straggler(impl):
+    """``impl``, but its step first releases the straggler and gives it time to reach a collective."""
+    def wrapped(model, group):
+        step = impl(model, group)
+
+        def released(**batch):
+            STRAGGLER_GO.set()
+            time.sleep(0.2)
+            return step(**batch)
+        return released
+    return wrapped

@@ -76,6 +76,28 @@ def test_rank_that_never_joins_times_out_then_next_run_works():
     assert verify(model_fn, inputs_fn, impl=ulysses_impl, world_size=2).status == "pass"
 
 
+def test_leftover_ranks_never_reach_the_next_run():
+    from .broken_impls import STRAGGLER_GO, releasing_straggler, straggler
+    STRAGGLER_GO.clear()
+    assert verify(model_fn, inputs_fn, impl=straggler, world_size=2).status == "error"
+    # Rank 0 of that run is still alive; the next run settles it before starting, and releasing it
+    # afterwards (it would all-reduce on its old group) changes nothing.
+    r = verify(model_fn, inputs_fn, impl=releasing_straggler(ulysses_impl), world_size=2, timeout=20)
+    assert r.status == "pass", r
+
+
+def _group_name(ctx, payload):
+    return ctx.group.group_name
+
+
+def test_every_run_gets_its_own_group_name():
+    """So a rank thread that outlived its run can never join the collectives of a later run."""
+    from autosp_verify.simulators import get_simulator
+    sim = get_simulator("threaded")
+    first, second = sim.run(2, _group_name, None, 10), sim.run(2, _group_name, None, 10)
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first[0] != second[0]
+
+
 def test_user_model_and_weights_are_unchanged():
     shared = model_fn()  # a model_fn that hands out one shared module
     before = {k: v.clone() for k, v in shared.state_dict().items()}
