@@ -50,7 +50,7 @@ def _threaded_world():
     world = mtpg._install_threaded_pg()
     isolation = getattr(torch._C._distributed_c10d, "_set_thread_isolation_mode", None)
     if isolation:
-        isolation(True)  # per-thread group-name registry, else rank 1 clashes with rank 0's "0"
+        isolation(True)  # per-thread group-name registry: every rank registers the same name
     try:
         yield world
     finally:
