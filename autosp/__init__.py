@@ -1,7 +1,6 @@
 """AutoSP: Ulysses sequence parallelism inserted by torch.compile passes, exact against one device."""
-from autosp import collectives  # registers the autosp:: custom ops
 from autosp.api import CompiledSP, compile, prepare_autosp_inputs, prepare_inputs
-from autosp.collectives import collective_counts, gather_sequence, reset_collective_counts
+from autosp.collectives import collective_counts, gather_sequence, reset_collective_counts  # registers autosp:: ops
 from autosp.config import SPConfig
 from autosp.errors import AutoSPError
 from autosp.passes.registry import COUNTERS

@@ -8,7 +8,6 @@ checked here (e.g. --simulator nccl without enough GPUs).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from autosp.errors import AutoSPError
-from autosp.passes.layout import RULE, SHARDED, SeqLayout, example_value, source_line
-from autosp.passes.rules import _arg
+from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
 
@@ -39,18 +38,18 @@ def attention(ctx) -> None:
     for node in list(g.nodes):
         if node.meta.get(RULE) != "sdpa":
             continue
-        q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+        q, k, v = (call_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
         nd = example_value(q).dim()
         seq_dim, head_dim = nd - 2, nd - 3
         q_heads, kv_heads = int(example_value(q).shape[head_dim]), int(example_value(k).shape[head_dim])
         if q_heads < P:
             raise AutoSPError(f"attention {node.name} has {q_heads} query heads, fewer than the "
                               f"{P} ranks of the sequence-parallel group\n  at {source_line(node)}")
-        gqa = bool(_arg(node, 7, "enable_gqa", False))
+        gqa = bool(call_arg(node, 7, "enable_gqa", False))
         repeats, gqa = _kv_repeats(q_heads, kv_heads, P, gqa)
         if q_heads % P and kv_heads != q_heads:  # padded query heads: kv must pad the same way
             repeats, gqa = q_heads // kv_heads, False
-        mask, is_causal = _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False))
+        mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))
         mask_value = example_value(mask) if mask is not None else None
         if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
             raise AutoSPError(f"attention {node.name} has a per-head mask {tuple(mask_value.shape)}: "
@@ -61,8 +60,8 @@ def attention(ctx) -> None:
                 ctx.counters["kv_repeat"] += 1
             q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P)) for t in (q, k, v))
             mask = _padded_mask(ctx, mask, is_causal)
-            kwargs = dict(attn_mask=mask, dropout_p=_arg(node, 4, "dropout_p", 0.0),
-                          is_causal=is_causal, scale=_arg(node, 6, "scale"), enable_gqa=gqa)
+            kwargs = dict(attn_mask=mask, dropout_p=call_arg(node, 4, "dropout_p", 0.0),
+                          is_causal=is_causal, scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
             attn = g.call_function(node.target, (q2, k2, v2), kwargs)
             out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P))
         ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))

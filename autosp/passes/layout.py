@@ -60,6 +60,13 @@ def example_value(node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def call_arg(node, index: int, name: str, default=None):
+    """An argument of a call node, given by keyword or position."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
 def layout_of(node) -> SeqLayout:
     return node.meta.get(LAYOUT, REPLICATED_LAYOUT) if isinstance(node, fx.Node) else REPLICATED_LAYOUT
 

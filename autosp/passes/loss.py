@@ -13,13 +13,13 @@ gradient (the loss is not counted P times).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 
 from autosp.passes import ops
-from autosp.passes.layout import RULE, example_value, layout_of, size_expr
-from autosp.passes.rules import _arg
+from autosp.passes.layout import RULE, call_arg, example_value, layout_of, size_expr
 
 GROUP_SUM, MASK = torch.ops.autosp.group_sum.default, torch.ops.autosp.mask_padding.default
 
@@ -27,7 +27,7 @@ GROUP_SUM, MASK = torch.ops.autosp.group_sum.default, torch.ops.autosp.mask_padd
 def loss(ctx) -> None:
     for node in list(ctx.graph.nodes):
         rule = node.meta.get(RULE)
-        if rule == "cross_entropy" and _arg(node, 6, "reduction", "mean") != "none":
+        if rule == "cross_entropy" and call_arg(node, 6, "reduction", "mean") != "none":
             _cross_entropy(ctx, node)
         elif rule == "seq_sum":
             _seq_sum(ctx, node)
@@ -35,22 +35,22 @@ def loss(ctx) -> None:
 
 def _cross_entropy(ctx, node) -> None:
     g = ctx.graph
-    logits, target = node.args[0], _arg(node, 1, "target")
+    logits, target = node.args[0], call_arg(node, 1, "target")
     full_target = target.args[0]  # shard_inputs put a shard between the full target and the loss
-    weight, ignore = _arg(node, 2, "weight"), _arg(node, 4, "ignore_index", -100)
-    smoothing = _arg(node, 7, "label_smoothing", 0.0)
+    weight, ignore = call_arg(node, 2, "weight"), call_arg(node, 4, "ignore_index", -100)
+    smoothing = call_arg(node, 7, "label_smoothing", 0.0)
     with g.inserting_before(node):
         local = g.call_function(F.cross_entropy, (logits, target), dict(
             weight=weight, ignore_index=ignore, reduction="sum", label_smoothing=smoothing))
         total = g.call_function(GROUP_SUM, (local, ctx.group))
-        if _arg(node, 6, "reduction", "mean") == "mean":
+        if call_arg(node, 6, "reduction", "mean") == "mean":
             valid = g.call_function(torch.ne, (full_target, ignore))
             if weight is None:
                 count = g.call_method("sum", (valid,))
-            else:
+            else:  # the weighted count: sum of weight[target] over valid targets
                 safe = g.call_function(torch.where, (valid, full_target, 0))
-                picked = g.call_function(torch.mul, (g.call_function(torch.index_select, (weight, 0, g.call_method("flatten", (safe,)))), g.call_method("flatten", (valid,))))
-                count = g.call_method("sum", (picked,))
+                picked = g.call_function(operator.getitem, (weight, safe))
+                count = g.call_method("sum", (g.call_function(torch.mul, (picked, valid)),))
             total = g.call_function(torch.div, (total, count))
     node.replace_all_uses_with(total)
     g.erase_node(node)

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from autosp.passes import ops
-from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, example_value,
+from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, call_arg, example_value,
                                   layout_of, linear_coeffs, refuse, seq_dims, size_expr)
 
 SEVERAL_DIMS = ("it has the sequence on several dims (like a [S, S] mask or attention scores); "
@@ -116,7 +116,8 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
     return "no rule says this op is positional along the sequence (add one to autosp.passes.ops)"
 
 
-def _getitem_items(an, node):
+def getitem_dims(node):
+    """The index items of ``x[index]``, Ellipsis expanded, and the item applied to each input dim."""
     index = node.args[1]
     items = list(index) if isinstance(index, tuple) else [index]
     nd = example_value(node.args[0]).dim()
@@ -134,7 +135,7 @@ def _getitem_items(an, node):
 
 def _getitem_seq_item(an, node, d):
     """The index item applied to input dim ``d`` when it keeps every position (else None)."""
-    _, dims = _getitem_items(an, node)
+    _, dims = getitem_dims(node)
     item = dims[d]
     if not isinstance(item, slice) or item.start not in (None, 0) or item.step not in (None, 1):
         return None
@@ -178,21 +179,15 @@ def seq_reduction(an, node) -> SeqLayout:
     raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")
 
 
-def _arg(node, index, name, default=None):
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else default
-
-
 def sdpa(an, node) -> SeqLayout:
-    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (call_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     for t in (q, k, v):
         lay, nd = layout_of(t), example_value(t).dim()
         if lay.state != SHARDED or lay.dim != nd - 2 or nd < 3:
             raise refuse(node, f"{t.name} is not sequence-sharded on dim -2 ([..., heads, S, head_dim])")
         if lay.inner != 1 or lay.length is None or (lay.length - an.S) != 0:
             raise refuse(node, f"{t.name} does not cover the whole sequence")
-    mask = _arg(node, 3, "attn_mask")
+    mask = call_arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         mask_layout = layout_of(mask)
         nd = example_value(mask).dim()
@@ -205,20 +200,20 @@ def sdpa(an, node) -> SeqLayout:
 
 
 def cross_entropy(an, node) -> SeqLayout:
-    logits, target = node.args[0], _arg(node, 1, "target")
+    logits, target = node.args[0], call_arg(node, 1, "target")
     lay = layout_of(logits)
     if lay.state != SHARDED:
         raise refuse(node, "the logits are not sequence-sharded")
     if example_value(logits).dim() >= 2 and lay.dim == 1:
         raise refuse(node, "the sequence is the class dim of the logits")
-    if _arg(node, 3, "size_average") is not None or _arg(node, 5, "reduce") is not None:
+    if call_arg(node, 3, "size_average") is not None or call_arg(node, 5, "reduce") is not None:
         raise refuse(node, "legacy size_average/reduce arguments: use reduction=")
     if not isinstance(target, fx.Node) or not an.dims(target):
         raise refuse(node, "the target does not carry the sequence")
     if layout_of(target).dim is None:
         raise refuse(node, "the target " + SEVERAL_DIMS)
     node.meta[RULE] = "cross_entropy"
-    if _arg(node, 6, "reduction", "mean") == "none":
+    if call_arg(node, 6, "reduction", "mean") == "none":
         out_dim = lay.dim if lay.dim == 0 else lay.dim - 1
         return SeqLayout(SHARDED, out_dim, lay.inner, lay.length)
     return REPLICATED_LAYOUT

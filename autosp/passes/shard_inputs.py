@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, is_sharded, layout_of
-from autosp.passes.rules import _arg
+from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, call_arg, is_sharded, layout_of
 
 
 def _consumes_shards(node) -> bool:
@@ -27,14 +26,14 @@ def shard_inputs(ctx) -> None:
         if node.op not in ("call_function", "call_method") or not _consumes_shards(node):
             continue
         rule = node.meta.get(RULE)
-        keep_full = {_arg(node, 3, "attn_mask")} if rule == "sdpa" else set()
+        keep_full = {call_arg(node, 3, "attn_mask")} if rule == "sdpa" else set()
         pad_value = 0.0
-        target = _arg(node, 1, "target") if rule == "cross_entropy" else None
+        target = call_arg(node, 1, "target") if rule == "cross_entropy" else None
         for src in node.all_input_nodes:
             lay = layout_of(src)
             if src in keep_full or isinstance(lay, tuple) or lay.state != FULL or lay.dim is None:
                 continue
-            pad = float(_arg(node, 4, "ignore_index", -100)) if src is target else pad_value
+            pad = float(call_arg(node, 4, "ignore_index", -100)) if src is target else pad_value
             key = (src, pad)
             if key not in cache:
                 length, local_len = ctx.full_size(lay.length), ctx.local_len()

@@ -11,13 +11,13 @@ Invariant after: every size argument on a sharded value is local, every other on
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 from torch import fx
 
 from autosp.passes.layout import RULE, example_value, is_sharded, layout_of
 from autosp.passes import ops
+from autosp.passes.rules import getitem_dims
 
 
 def _localize(ctx, arg):
@@ -41,9 +41,7 @@ def local_sizes(ctx) -> None:
             ctx.counters["full_size"] += 1
         elif rule == "tail_slice":
             src = node.args[0]
-            items = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-            from autosp.passes.rules import _getitem_items
-            expanded, dims = _getitem_items(None, node)
+            expanded, dims = getitem_dims(node)
             target = dims[layout_of(src).dim]
             position = next(i for i, it in enumerate(expanded) if it is target)
             expanded[position] = slice(None)

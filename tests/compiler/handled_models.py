@@ -43,3 +43,18 @@ class SliceShiftedLoss(Base):
 def inputs_fn(batch, seq_len, generator):
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=generator)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+class WeightedLoss(Base):
+    """Class-weighted cross entropy: the mean divides by the summed weights of the valid targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("class_weight", torch.linspace(0.5, 2.0, VOCAB))
+
+    def forward(self, input_ids, labels):
+        logits = self.head(self.hidden(input_ids))
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        loss = F.cross_entropy(logits.view(-1, VOCAB), shifted.reshape(-1), weight=self.class_weight,
+                               label_smoothing=0.1)
+        return {"loss": loss, "logits": logits}

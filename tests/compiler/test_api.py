@@ -5,12 +5,12 @@ import torch
 import autosp
 from autosp_verify import verify
 
-from .handled_models import MeanPooledAuxLoss, SliceShiftedLoss, inputs_fn
+from .handled_models import MeanPooledAuxLoss, SliceShiftedLoss, WeightedLoss, inputs_fn
 from .mixing_models import MixingLM
 from .mixing_models import inputs_fn as mixing_inputs
 
 
-@pytest.mark.parametrize("model_cls", [MeanPooledAuxLoss, SliceShiftedLoss])
+@pytest.mark.parametrize("model_cls", [MeanPooledAuxLoss, SliceShiftedLoss, WeightedLoss])
 @pytest.mark.parametrize("world_size,seq_len", [(2, 8), (4, 9)])
 def test_handled_sequence_reductions_are_exact(model_cls, world_size, seq_len):
     result = verify(model_cls, inputs_fn, impl="autosp", world_size=world_size, seq_len=seq_len)
