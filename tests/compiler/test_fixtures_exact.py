@@ -38,9 +38,11 @@ def test_fixture_is_exact_on_threads(path, world_size):
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
-def test_fixture_is_exact_with_position_ids_and_in_float32(path):
-    _check(path, positions=True, world_size=4, seq_len=13)
-    _check(path, dtype=torch.float32, world_size=4, seq_len=13)
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_fixture_is_exact_with_position_ids_and_in_float32(path, world_size):
+    for seq_len in (16, 13):
+        _check(path, positions=True, world_size=world_size, seq_len=seq_len)
+        _check(path, dtype=torch.float32, world_size=world_size, seq_len=seq_len)
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
