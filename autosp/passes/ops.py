@@ -86,8 +86,9 @@ SEQ_SUM_REDUCTIONS = {torch.sum, torch.mean, "sum", "mean"}
 LINEAR = {F.linear, torch._C._nn.linear}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
 EMBEDDING = {F.embedding, torch.embedding}
-NORMS = {F.layer_norm: 1, torch.layer_norm: 1, F.rms_norm: 1, torch.rms_norm: 1,
-         F.group_norm: None}
+# Normalise over their trailing ``normalized_shape`` dims (group_norm, which also normalises over
+# dim 1 and everything after it, is deliberately absent: refused on a sequence).
+NORMS = {F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm}
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 CROSS_ENTROPY = {F.cross_entropy}
 # Calls with no tensor result that the analysis can ignore.

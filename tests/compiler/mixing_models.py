@@ -54,7 +54,11 @@ def _sdpa(h):
     return out.transpose(1, 2).reshape(b, s, -1)
 
 
-MIXERS = {"cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
+def _group_norm(h):
+    return F.group_norm(h.transpose(1, 2), 2).transpose(1, 2)  # [B, H, S]: statistics over S too
+
+
+MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
           "roll": _roll}
 POSITIONAL = {"sdpa": _sdpa}

@@ -7,7 +7,7 @@ import autosp
 
 from .mixing_models import MIXERS, MixingLM, inputs_fn
 
-OP_NAMES = {"cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
+OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
             "roll": "roll"}
 
