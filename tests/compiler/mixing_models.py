@@ -55,7 +55,7 @@ def _sdpa(h):
 
 
 def _group_norm(h):
-    return F.group_norm(h.transpose(1, 2), 2).transpose(1, 2)  # [B, H, S]: statistics over S too
+    return F.group_norm(h, 1)  # [B, S, H] with one group: statistics over S and H together
 
 
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
