@@ -11,7 +11,7 @@ Each tensor value gets a :class:`SeqLayout` in ``node.meta["autosp_layout"]``:
 
 The sequence is found through the symbolic size Dynamo gives the marked dims of the inputs:
 a dim carries the sequence when its size expression contains that symbol. A FULL value that
-meets an activation op is sharded on that edge (``rewrite`` inserts the op). An activation op
+meets an activation op is sharded on that edge (the ``shard_inputs`` pass inserts the op). An activation op
 must be positional along the sequence (see ``ops``) or have a dedicated rule (attention, loss,
 sums over the sequence); anything else raises :class:`AutoSPError` naming the op and the
 model's source line. The analysis only annotates; it never edits the graph.
@@ -127,10 +127,6 @@ def find_sequence(gm: fx.GraphModule, seq_dim: int) -> SeqSymbol:
     return SeqSymbol(symbol, holders[symbol])
 
 
-def _input_nodes(node) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if isinstance(example_value(n), torch.Tensor)]
-
-
 def _is_parameter_source(node) -> bool:
     value = example_value(node)
     grapharg = node.meta.get("grapharg")
@@ -139,8 +135,8 @@ def _is_parameter_source(node) -> bool:
 
 
 class Analysis:
-    def __init__(self, gm: fx.GraphModule, seq: SeqSymbol, world_size: int):
-        self.gm, self.seq, self.world_size = gm, seq, world_size
+    def __init__(self, gm: fx.GraphModule, seq: SeqSymbol):
+        self.gm, self.seq = gm, seq
         self.S = seq.symbol
         self.activation: set[fx.Node] = set()
 
@@ -225,7 +221,7 @@ class Analysis:
         return self.own_layout(node, FULL) if self.dims(node) else REPLICATED_LAYOUT
 
 
-def analyse(gm: fx.GraphModule, seq: SeqSymbol, world_size: int) -> Analysis:
-    analysis = Analysis(gm, seq, world_size)
+def analyse(gm: fx.GraphModule, seq: SeqSymbol) -> Analysis:
+    analysis = Analysis(gm, seq)
     analysis.run()
     return analysis

@@ -21,7 +21,7 @@ from autosp.passes.sizes import local_sizes
 
 
 def layout(ctx: PassContext) -> None:
-    analysis = analyse(ctx.gm, ctx.seq, ctx.world_size)
+    analysis = analyse(ctx.gm, ctx.seq)
     ctx.counters["activations"] = len(analysis.activation)
 
 

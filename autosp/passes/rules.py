@@ -68,7 +68,7 @@ def positional(an, node, out_dim, example) -> SeqLayout:
         if inner is None:
             raise refuse(node, "the reshape merges the sequence with a dim before it or splits it")
     if node.op == "call_function" and node.target is operator.getitem:
-        tail = _getitem_tail(an, node)
+        tail = _getitem_tail(node)
         if tail:
             node.meta[RULE] = "tail_slice"
             length = length - tail
@@ -95,7 +95,7 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
             return "it reduces, scans, reorders or slices along the sequence"
         return None
     if target is operator.getitem:
-        return None if _getitem_seq_item(an, node, d) is not None else \
+        return None if _getitem_seq_item(node, d) is not None else \
             "it selects or slices positions along the sequence"
     if target in ops.LINEAR:
         return None if src is first and d != nd - 1 else "the sequence is a contracted dim"
@@ -133,7 +133,7 @@ def getitem_dims(node):
     return expanded, dims
 
 
-def _getitem_seq_item(an, node, d):
+def _getitem_seq_item(node, d):
     """The index item applied to input dim ``d`` when it keeps every position (else None)."""
     _, dims = getitem_dims(node)
     item = dims[d]
@@ -151,11 +151,11 @@ def _getitem_seq_item(an, node, d):
     return None
 
 
-def _getitem_tail(an, node) -> int:
+def _getitem_tail(node) -> int:
     """How many trailing positions a slice of the sequence drops (0 for a full slice)."""
     src = node.args[0]
     d = layout_of(src).dim
-    item = _getitem_seq_item(an, node, d)
+    item = _getitem_seq_item(node, d)
     if item is None or item.stop is None:
         return 0
     if isinstance(item.stop, int):
