@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from autosp_verify.impls import is_refusal, resolve_impl
 from autosp_verify.model_file import ModelFileError, load_model_file
 from autosp_verify.outputs import OutputError, split_output
+from autosp_verify.probes import make_probes
 from autosp_verify.simulators.base import RankError, RankFailure
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,6 +38,7 @@ class CaseSpec:
     dtype: str
     seed: int
     weights_path: str | None = None
+    probes: tuple = ()  # names of probes (autosp_verify.probes) to run on every rank and the reference
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Reference:
     loss: torch.Tensor
     outputs: dict
     grads: dict
+    probes: dict = field(default_factory=dict)  # probe name -> what it collected
 
 
 def describe_model(model) -> str:
@@ -107,17 +110,24 @@ def _grads(loss, params):
 def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
     where = describe_model(spec.model)
     model = copy.deepcopy(base)
+    probes = make_probes(spec, on_reference=True)
     try:
+        run = model
+        for probe in probes:
+            probe.before(model, None)
+            run = probe.wrap_reference(run)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            loss, outputs = split_output(model(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}))
+            loss, outputs = split_output(run(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}))
+        for probe in probes:
+            probe.after_forward(loss, outputs)
         grads = _grads(loss, trainable(model))
     except OutputError as exc:
         raise ModelFileError(f"{where}: on one device, {exc}") from None
     except Exception as exc:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
-                     {n: g.detach() for n, g in grads.items()})
+                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
 
 
 class LoadedCase:
@@ -155,6 +165,10 @@ def rank_fn(ctx, payload):
     case = payload if isinstance(payload, LoadedCase) else LoadedCase.from_spec(payload)
     model, batch = case.replica(ctx.device), case.batch_for(ctx.device)
     impl = resolve_impl(case.spec.impl)
+    probes = make_probes(case.spec, on_reference=False)
+    for probe in probes:
+        impl = probe.wrap_impl(impl)
+        probe.before(model, ctx)
     try:
         step = impl(model, ctx.group)
     except Exception as exc:
@@ -167,12 +181,14 @@ def rank_fn(ctx, payload):
         loss, outputs = split_output(out)
     except OutputError as exc:
         raise RankError(RankFailure(ctx.rank, "error", f"rank {ctx.rank} (step): {exc}")) from exc
+    for probe in probes:
+        probe.after_forward(loss, outputs)
     try:
         grads = _grads(loss, trainable(model))
     except Exception as exc:
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
-            "grads": {n: g.detach().cpu() for n, g in grads.items()}}
+            "grads": {n: g.detach().cpu() for n, g in grads.items()}, "probes": {p.name: p.collect() for p in probes}}
 
 
 def _warm_up(payload, world_size):
@@ -180,6 +196,8 @@ def _warm_up(payload, world_size):
     Any failure is left for the ranks to meet and report with their rank."""
     case = payload if isinstance(payload, LoadedCase) else LoadedCase.from_spec(payload)
     impl = resolve_impl(case.spec.impl)
+    for probe in make_probes(case.spec, on_reference=False):
+        impl = probe.wrap_impl(impl)
     hook = getattr(impl, "warm_up", None)
     if hook is None:
         return
