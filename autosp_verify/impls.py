@@ -34,6 +34,11 @@ on the main thread before the in-process (threaded) simulator starts its ranks, 
 and the full batch, so that an impl can compile once rather than once per rank thread. A failure
 there is ignored: the ranks then meet it and report it with their rank.
 
+Optional: ``impl.with_backend(backend) -> impl``, for impls built on ``autosp.compile`` (see
+:func:`autosp_impl`): the same impl with another inner compiler backend. With it, the first
+divergence of a failing case is found op by op in the rewritten graph; without it, module by
+module (forward hooks on the named modules of the replica).
+
 Names
 -----
 ``autosp``: ``autosp.compile(model, group=group, backend="aot_eager")``: the rewrite alone.
@@ -65,19 +70,23 @@ def is_refusal(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.AutoSPError)
 
 
-def _autosp_impl_for(backend: str):
-    """autosp.compile with the inner backend ``backend``. The impl has a ``warm_up`` hook: the
-    threaded simulator calls it once on the main thread so that rank threads find the graph
-    compiled (Dynamo would otherwise compile it once per rank thread)."""
+def autosp_impl(backend="aot_eager", **config):
+    """An impl that is ``autosp.compile`` with inner ``backend`` and ``SPConfig(**config)``.
+
+    It has a ``warm_up`` hook (the threaded simulator calls it once on the main thread so that
+    rank threads find the graph compiled; Dynamo would otherwise compile once per rank thread)
+    and ``with_backend(backend)``, the same impl with another inner backend: the verifier swaps
+    in a recording backend to find the first divergent op of a failing case."""
     def impl(model, group):
         import autosp
-        return autosp.compile(model, group=group, backend=backend)
+        return autosp.compile(model, config=autosp.SPConfig(group=group, backend=backend, **config))
 
     def warm_up(model, world_size, batch):
         import autosp
-        autosp.compile(model, backend=backend).warm_up(world_size, **batch)
+        autosp.compile(model, config=autosp.SPConfig(backend=backend, **config)).warm_up(world_size, **batch)
 
     impl.warm_up = warm_up
+    impl.with_backend = lambda other: autosp_impl(other, **config)
     impl.__qualname__ = f"autosp[{backend}]"
     return impl
 
@@ -88,8 +97,8 @@ def _autosp_impl_for(backend: str):
 # model computes its loss in float32, as HF models do).
 # "autosp-eager" runs the rewritten graph eagerly (autograd through the custom ops): the same
 # rewrite, compiled in a fraction of the time, for property tests that draw many architectures.
-_AUTOSP_IMPLS = {"autosp": _autosp_impl_for("aot_eager"), "autosp-inductor": _autosp_impl_for("inductor"),
-                 "autosp-eager": _autosp_impl_for("eager")}
+_AUTOSP_IMPLS = {"autosp": autosp_impl("aot_eager"), "autosp-inductor": autosp_impl("inductor"),
+                 "autosp-eager": autosp_impl("eager")}
 
 
 def _check_autosp():

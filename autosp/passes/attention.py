@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from autosp.errors import AutoSPError
-from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line
+from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
 
@@ -59,11 +59,17 @@ def attention(ctx) -> None:
                 k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
                 ctx.counters["kv_repeat"] += 1
             q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P)) for t in (q, k, v))
+            for t in (q2, k2, v2):  # messages about the all-to-alls point at the attention call
+                t.meta["stack_trace"] = node.meta.get("stack_trace")
+            stands_for(q2, q)
+            if repeats == 1:  # repeated kv heads hold no single-device value
+                stands_for(k2, k), stands_for(v2, v)
             mask = _padded_mask(ctx, mask, is_causal)
             kwargs = dict(attn_mask=mask, dropout_p=call_arg(node, 4, "dropout_p", 0.0),
                           is_causal=is_causal, scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
             attn = g.call_function(node.target, (q2, k2, v2), kwargs)
             out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P))
+            stands_for(attn, node), stands_for(out, node)
         ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))
         node.replace_all_uses_with(out)
         g.erase_node(node)

@@ -31,6 +31,17 @@ from autosp.passes import ops
 
 FULL, SHARDED, REPLICATED = "full", "sharded", "replicated"
 LAYOUT, RULE = "autosp_layout", "autosp_rule"
+# The single-device node whose value a node holds (in its own layout): every node of the traced
+# graph names itself; a node a pass inserts in place of one names the node it replaces; other
+# inserted nodes (partial sums, padding, repeats) have none. The verifier compares by it.
+VALUE_OF = "autosp_value_of"
+
+
+def stands_for(new: fx.Node, old: fx.Node) -> fx.Node:
+    new.meta[VALUE_OF] = old.meta.get(VALUE_OF, old.name)
+    if "stack_trace" in old.meta:  # the model's line, for messages about the new node
+        new.meta.setdefault("stack_trace", old.meta["stack_trace"])
+    return new
 
 
 @dataclass(frozen=True)

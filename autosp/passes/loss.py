@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from autosp.passes import ops
-from autosp.passes.layout import RULE, call_arg, example_value, layout_of, size_expr
+from autosp.passes.layout import RULE, call_arg, example_value, layout_of, size_expr, stands_for
 
 GROUP_SUM, MASK = torch.ops.autosp.group_sum.default, torch.ops.autosp.mask_padding.default
 
@@ -52,7 +52,7 @@ def _cross_entropy(ctx, node) -> None:
                 picked = g.call_function(operator.getitem, (weight, safe))
                 count = g.call_method("sum", (g.call_function(torch.mul, (picked, valid)),))
             total = g.call_function(torch.div, (total, count))
-    node.replace_all_uses_with(total)
+    node.replace_all_uses_with(stands_for(total, node))
     g.erase_node(node)
     ctx.counters["loss"] += 1
     ctx.counters["all_reduce"] += 1
@@ -74,7 +74,7 @@ def _seq_sum(ctx, node) -> None:
         if node.target in ("mean", torch.mean):
             count = math.prod(size_expr(shape[d]) for d in reduced)
             total = g.call_function(torch.div, (total, ctx.full_size(count)))
-    node.replace_all_uses_with(total)
+    node.replace_all_uses_with(stands_for(total, node))
     g.erase_node(node)
     ctx.counters["seq_sum"] += 1
     ctx.counters["all_reduce"] += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autosp.passes.layout import RULE, example_value, is_sharded, layout_of
+from autosp.passes.layout import RULE, example_value, is_sharded, layout_of, stands_for
 from autosp.passes import ops
 from autosp.passes.rules import getitem_dims
 
@@ -36,7 +36,7 @@ def local_sizes(ctx) -> None:
         rule = node.meta.get(RULE)
         if rule == "full_size":
             full = ctx.full_size(example_value(node).node.expr)
-            node.replace_all_uses_with(full)
+            node.replace_all_uses_with(stands_for(full, node))
             ctx.graph.erase_node(node)
             ctx.counters["full_size"] += 1
         elif rule == "tail_slice":

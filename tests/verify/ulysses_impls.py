@@ -54,18 +54,23 @@ class SumIdentityBackward(torch.autograd.Function):
         return grad, None
 
 
-def _ulysses_core(q, k, v, group, gather_back=True):
+def _ulysses_core(q, k, v, group, gather_back=True, gather_dim=1, differentiable=True):
     # [B, N, S/P, D] -> [B, N/P, S, D]: all positions, this rank's heads.
-    q, k, v = (AllToAll.apply(t, group, 1, 2) for t in (q, k, v))
+    if differentiable:
+        q, k, v = (AllToAll.apply(t, group, 1, 2) for t in (q, k, v))
+    else:  # the bug: a plain collective, so no gradient reaches q, k, v through attention
+        q, k, v = (_a2a(t.detach(), group, 1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return AllToAll.apply(o, group, 2, 1) if gather_back else o
+    # gather_dim != 1 is the bug of gathering the heads back along the wrong dim.
+    return AllToAll.apply(o, group, 2, gather_dim) if gather_back else o
 
 
-def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True):
+def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True, gather_dim=1,
+                 differentiable=True, local_positions=False):
     def impl(model, group):
         for m in model.modules():
             if hasattr(m, "core"):  # tiny_model.Attention, whichever module object defined it
-                m.core = lambda q, k, v: _ulysses_core(q, k, v, group, gather_back)
+                m.core = lambda q, k, v: _ulysses_core(q, k, v, group, gather_back, gather_dim, differentiable)
 
         def step(input_ids, labels, position_ids=None, **_):
             p, rank = group.size(), dist.get_rank(group)  # read at run time, never baked in
@@ -75,6 +80,8 @@ def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True)
             shard = slice(rank * (s // p), (rank + 1) * (s // p))
             if position_ids is None:
                 position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+            if local_positions:  # the bug: positions counted from 0 on every rank's shard
+                position_ids = torch.arange(s // p).unsqueeze(0).expand(b, s // p).repeat(1, p)
             if shift_before_shard:
                 local_labels = shift_labels(labels)[:, shard]
             else:  # the bug: each shard loses the target of its last token
@@ -98,3 +105,6 @@ ulysses = make_ulysses()
 skip_output_a2a = make_ulysses(gather_back=False)  # (1) no all-to-all after attention
 per_rank_mean = make_ulysses(global_loss=False)  # (2) loss = this rank's mean
 shard_then_shift = make_ulysses(shift_before_shard=False)  # (3) labels sharded before the shift
+wrong_gather_dim = make_ulysses(gather_dim=3)  # (4) heads gathered back along the head size
+local_positions = make_ulysses(local_positions=True)  # (5) positions from the local length
+no_grad_all_to_all = make_ulysses(differentiable=False)  # (6) a non-differentiable all-to-all

@@ -1,0 +1,46 @@
+"""Deliberately broken autosp pipelines: the op-level negative controls of the first divergence.
+
+Each is an impl built with ``autosp_verify.impls.autosp_impl`` (so the verifier records the
+rewritten graph op by op) whose pipeline drops or corrupts one rewrite, the way a bug in a pass
+would. Loaded by path: the broken passes register themselves on import.
+"""
+
+
+from autosp.passes.attention import H2S, S2H
+from autosp.passes.layout import example_value
+from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
+from autosp_verify.impls import autosp_impl
+
+
+def _detach_attention_inputs(ctx):
+    """The bug: the all-to-all before attention without autograd (its input detached)."""
+    for node in list(ctx.graph.nodes):
+        if node.target is S2H:
+            with ctx.graph.inserting_before(node):
+                node.replace_input_with(node.args[0], ctx.graph.call_method("detach", (node.args[0],)))
+
+
+def _all_to_all_on_head_size(ctx):
+    """The bug: the all-to-alls split and gather the head size (last dim) instead of the heads."""
+    for node in list(ctx.graph.nodes):
+        if node.target is S2H:
+            x, seq_dim, _, group, world = node.args
+            node.args = (x, seq_dim, example_value(x).dim() - 1, group, world)
+        elif node.target is H2S:
+            x, seq_dim, _, _, group, world = node.args
+            query = example_value(x.args[0].args[0])  # attention(seq_to_head(q), ...): q as traced
+            node.args = (x, seq_dim, query.dim() - 1, int(query.shape[-1]), group, world)
+
+
+PASSES["broken_detach_a2a"] = _detach_attention_inputs
+PASSES["broken_a2a_dims"] = _all_to_all_on_head_size
+
+
+def _pipeline(extra=None, drop=None):
+    return tuple(p for p in DEFAULT_PIPELINE if p != drop) + ((extra,) if extra else ())
+
+
+per_rank_loss = autosp_impl("eager", passes=_pipeline(drop="loss"))  # the loss stays each rank's own mean
+detached_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_detach_a2a"))
+head_size_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_a2a_dims"))
+correct = autosp_impl("eager")
