@@ -183,8 +183,10 @@ def _watch_modules(model, recorder):
         def post(mod, args, kwargs, out, name=name, op=op, source=source):
             recorder.add(name, name, op, source, _first_tensor(out))
 
-        module.register_forward_pre_hook(pre, with_kwargs=True)
-        module.register_forward_hook(post, with_kwargs=True)
+        # Opaque to Dynamo: an impl that compiles the model breaks its graph here, rather than
+        # tracing the recorder (whose side effects it cannot trace).
+        module.register_forward_pre_hook(torch._dynamo.disable(pre), with_kwargs=True)
+        module.register_forward_hook(torch._dynamo.disable(post), with_kwargs=True)
 
 
 @register
