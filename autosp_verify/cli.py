@@ -8,6 +8,7 @@ checked here (e.g. --simulator nccl without enough GPUs).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ class Config:
     json: str | None = None
     rtol: float | None = None
     atol: float | None = None
+    memory: bool = False
+    compile_time: bool = False
+    report: str | None = None
 
 
 def _int_list(text: str) -> tuple:
@@ -68,13 +72,19 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
     p.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    p.add_argument("--memory", action="store_true", help="also estimate per-rank activation memory against one "
+                   "device (runs every case once more, P positions longer)")
+    p.add_argument("--compile-time", action="store_true", help="also time compiling with and without the passes "
+                   "(autosp impls; one more compile of each per case)")
+    p.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/accounting.png (implies --memory)")
     return p
 
 
 def parse_args(argv=None) -> Config:
     a = get_parser().parse_args(argv)
     return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
-                  a.json, a.rtol, a.atol)
+                  a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
+                  report=a.report)
 
 
 def run(config: Config, out=None) -> int:
@@ -84,7 +94,8 @@ def run(config: Config, out=None) -> int:
         for world_size in config.world_sizes:
             for seq_len in config.seq_lens:
                 spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed)
-                cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol))
+                cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol,
+                                      memory=config.memory, compile_time=config.compile_time))
     except (ModelFileError, ImplUnavailable, ValueError) as exc:
         print(f"autosp-verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,6 +104,12 @@ def run(config: Config, out=None) -> int:
     if config.json:
         with open(config.json, "w") as f:
             f.write(to_json(cases) + "\n")
+    if config.report:
+        from autosp_verify.accounting import write_png
+        os.makedirs(config.report, exist_ok=True)
+        with open(os.path.join(config.report, "report.json"), "w") as f:
+            f.write(to_json(cases) + "\n")
+        write_png(cases, os.path.join(config.report, "accounting.png"))
     return exit_status(cases)
 
 

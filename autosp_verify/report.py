@@ -33,6 +33,8 @@ class CaseResult:
     error: Optional[str] = None
     failures: list = field(default_factory=list)  # one line per failing tensor, worst first
     tensors: list = field(default_factory=list)  # every check: {"name", "abs_err", "rel_err", "passed"}
+    # Cost against the ideal (accounting.py): {"collectives", "memory", "compile_s"}; None when off.
+    accounting: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -77,12 +79,38 @@ def _first_line(text: str) -> str:
     return first + (" [...]" if rest.strip() else "")
 
 
+def _bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 999.5 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+
+
+def _accounting_cells(c, compile_column: bool) -> tuple:
+    """a2a/ar (min), sent/rank (min), mem/rank (1/P)[, compile s (no SP)]: measured (ideal)."""
+    acc = c.accounting or {}
+    coll, mem = acc.get("collectives") or {}, acc.get("memory") or {}
+    low, got = coll.get("minimum"), coll.get("measured")
+    kinds = "-" if got is None else f"{got.get('all_to_all', 0)}/{got.get('all_reduce', 0)}"
+    cells = [f"{kinds} ({low['all_to_all']}/{low['all_reduce']})" if low else "-",
+             f"{'-' if got is None else _bytes(got['bytes_sent'])} ({_bytes(low['bytes_sent'])})" if low else "-",
+             "-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f})"]
+    if compile_column:
+        times = acc.get("compile_s")
+        cells.append("-" if not times else f"{times['with_passes']:.1f} ({times['without']:.1f})")
+    return tuple(cells)
+
+
 def format_table(cases) -> str:
-    rows = [("impl", "simulator", "P", "S", "loss err", "worst grad (rel err)", "verdict")]
+    shown = any(c.accounting for c in cases)
+    timed = any((c.accounting or {}).get("compile_s") for c in cases)
+    extra = (("a2a/ar (min)", "sent/rank (min)", "mem/rank (1/P)") + (("compile s (no SP)",) if timed else ())
+             if shown else ())
+    rows = [("impl", "simulator", "P", "S", "loss err", "worst grad (rel err)", *extra, "verdict")]
     for c in cases:
         grad = "-" if c.worst_grad is None else f"{c.worst_grad['name']} ({_num(c.worst_grad['rel_err'])})"
         rows.append((c.impl, c.simulator, str(c.world_size), str(c.seq_len), _num(c.loss_abs_err), grad,
-                     c.status.upper()))
+                     *(_accounting_cells(c, timed) if shown else ()), c.status.upper()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):

@@ -47,14 +47,20 @@ def _payload(sim, spec, base, batch, folder):
 
 
 def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
-             rtol: float | None = None, atol: float | None = None) -> CaseResult:
-    """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input."""
+             rtol: float | None = None, atol: float | None = None,
+             accounting: bool = True, memory: bool = False, compile_time: bool = False) -> CaseResult:
+    """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input.
+    ``accounting``: collectives against the Ulysses minimum; ``memory``: also activation memory per
+    rank (runs the case once more, see accounting.py); ``compile_time``: also compile with and
+    without the passes."""
     for name in ("world_size", "seq_len", "batch"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(spec, name)!r}")
     sim = get_simulator(simulator)
     tol = tolerance_for(DTYPES[spec.dtype], rtol, atol)
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
+    if accounting and "accounting" not in spec.probes:
+        spec = dataclasses.replace(spec, probes=(*spec.probes, "accounting"))
     model_fn, file_inputs_fn = model_functions(spec.model)
     base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
     ref = reference(base, batch, spec)
@@ -74,6 +80,10 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
         except SimulatorUnavailable as exc:
             result.status, result.error = "skipped", str(exc)
             return result
+    if accounting:
+        from autosp_verify.accounting import account_case
+        result.accounting = account_case(spec, sim, ref, ranks, base, batch, inputs_fn or file_inputs_fn, timeout,
+                                         _payload, memory=memory, compile_time=compile_time)
     if sim.structural:
         result.failures = check_structure(ref, ranks)
         result.status = "fail" if result.failures else "structural"

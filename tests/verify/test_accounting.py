@@ -1,0 +1,124 @@
+"""Accounting (autosp_verify/accounting.py): collectives against the Ulysses minimum, activation
+memory per rank against one device, and the report's figure, each with a negative control."""
+import json
+import os
+
+import pytest
+import torch
+
+from autosp_verify import accounting
+from autosp_verify.cli import main
+from autosp_verify.core import CaseSpec
+from autosp_verify.report import CaseResult, format_table
+from autosp_verify.run import run_case
+
+from .conftest import HERE, TINY, ulysses
+
+HF_LLAMA = os.path.join(HERE, "..", "..", "fixtures", "hf_llama.py")
+IMPLS = os.path.join(HERE, "accounting_impls.py")
+
+
+def _case(model, impl, world_size, seq_len, **kwargs):
+    return run_case(CaseSpec(os.path.abspath(model), impl, world_size, seq_len, 2, "float64", 0), None, **kwargs)
+
+
+def _call(q, k, heads_kv=None, gqa=False, itemsize=8):
+    return {"q": q, "k": k, "v": k, "enable_gqa": gqa, "itemsize": itemsize, "kv_heads": heads_kv or k[-3]}
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,P,S,kv_sent", [
+    (8, 8, 2, 16, 8),  # MHA: every head
+    (8, 2, 2, 16, 2),  # P divides the kv heads: no repetition
+    (8, 2, 4, 16, 4),  # kv heads divide P: one kv head per rank
+    (8, 1, 4, 16, 4),  # MQA
+    (6, 2, 4, 16, 8),  # P does not divide the query heads: padded to 8, kv repeated as far
+    (8, 8, 2, 13, 8),  # padded sequence: L = 7
+])
+def test_minimum_formula(q_heads, kv_heads, P, S, kv_sent):
+    B, D = 2, 4
+    L, q_sent = -(-S // P), -(-q_heads // P) * P
+    got = accounting.ulysses_minimum([_call((B, q_heads, S, D), (B, kv_heads, S, D))], 4, P)
+    per_head = B * L * D * 8
+    assert got["all_to_all"] == 8 and got["all_reduce"] == 1 and got["all_reduce_bytes"] == 4
+    assert got["all_to_all_bytes"] == 2 * per_head * (2 * q_sent + 2 * kv_sent)
+    assert accounting.bytes_sent({"all_to_all_bytes": 100, "all_reduce_bytes": 8}, 4) == 75 + 12
+
+
+def test_repeated_kv_heads_count_once():
+    """HF's repeat_kv hands SDPA copies of the kv heads: the minimum counts the distinct ones."""
+    k = torch.randn(2, 2, 16, 4)
+    call = accounting._sdpa_call(torch.randn(2, 8, 16, 4), k.repeat_interleave(4, 1), k.repeat_interleave(4, 1), False)
+    assert call["kv_heads"] == 2
+    assert accounting._sdpa_call(torch.randn(2, 8, 16, 4), *torch.randn(2, 2, 8, 16, 4), False)["kv_heads"] == 8
+
+
+def test_classify_by_the_dims_that_grow():
+    at_s = [((32, 32), 8), ((2, 16, 16), 4), ((), 1)]  # B*S = hidden: sizes alone cannot tell
+    at_s2 = [((36, 32), 9), ((2, 18, 18), 5), ((), 1)]
+    assert accounting.classify(at_s, at_s2) == {"seq": 8, "seq2": 4, "other": 1, "total": 13}
+    assert accounting.classify(at_s, at_s2[:2]) is None
+
+
+def test_hf_llama_collectives_at_the_ulysses_count_and_memory_at_1_over_p():
+    """HF Llama (8 query heads, 2 kv heads): per rank, the Ulysses number of collectives at P=2
+    and 4, and sequence-long activations within 10% of 1/P of one device."""
+    for P in (2, 4):
+        acc = _case(HF_LLAMA, "autosp-eager", P, 16, memory=True).accounting
+        coll, mem = acc["collectives"], acc["memory"]
+        low, got = coll["minimum"], coll["measured"]
+        assert (got["all_to_all"], got["all_reduce"]) == (low["all_to_all"], low["all_reduce"]) == (16, 1)
+        # The compiled HF graph repeats the kv heads before SDPA (repeat_kv): autosp moves all 8
+        # kv heads, more than the 2 (P=2) or 4 (P=4) Ulysses needs, never more than 8.
+        full = accounting.ulysses_minimum([{**c, "kv_heads": 8} for c in _sdpa_calls(P)], 4, P)
+        assert low["bytes_handed"] < got["bytes_handed"] <= full["all_to_all_bytes"] + full["all_reduce_bytes"]
+        assert abs(mem["ratio"] - 1 / P) <= 0.1 / P, mem
+        assert mem["baseline"].startswith("torch.compile(backend='eager')")
+
+
+def _sdpa_calls(P):
+    return [{"q": (2, 8, 16, 4), "k": (2, 2, 16, 4), "v": (2, 2, 16, 4), "enable_gqa": True, "itemsize": 8,
+             "kv_heads": 2}] * 2
+
+
+def test_tiny_model_at_the_minimum_and_a_wasteful_impl_above_it():
+    at_min = _case(TINY, "autosp-eager", 2, 16).accounting["collectives"]
+    assert at_min["at_minimum"] and at_min["measured"]["bytes_sent"] == at_min["minimum"]["bytes_sent"]
+    wasteful = _case(TINY, f"{IMPLS}:twice", 2, 16)
+    assert wasteful.status == "pass"
+    coll = wasteful.accounting["collectives"]
+    assert not coll["at_minimum"] and coll["measured"]["all_to_all"] == 24 and coll["measured"]["all_reduce"] == 2
+    assert "24/1 (16/1)" not in format_table([wasteful]) and "24/2 (16/1)" in format_table([wasteful])
+
+
+def test_a_replicated_impl_holds_everything_and_counts_nothing():
+    r = _case(TINY, f"{IMPLS}:replicated", 2, 16, memory=True)
+    assert r.status == "pass"
+    assert r.accounting["collectives"]["measured"] is None  # not an autosp step: not counted
+    assert r.accounting["memory"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    sharded = _case(TINY, ulysses(), 2, 16, memory=True).accounting["memory"]
+    assert abs(sharded["ratio"] - 0.5) <= 0.05
+
+
+def test_report_dir_writes_json_and_a_png(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main([TINY, "--impl", ulysses(), "--world-size", "2,4", "--report", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "a2a/ar (min)" in header and "mem/rank (1/P)" in header and header.rstrip().endswith("verdict")
+    cases = json.loads((out / "report.json").read_text())["cases"]
+    assert [c["accounting"]["memory"]["ratio"] is not None for c in cases] == [True, True]
+    _assert_png(out / "accounting.png")
+
+
+def test_png_with_the_error_of_each_op_of_a_failing_case(tmp_path):
+    failing = CaseResult("x", "threaded", 2, 16, 2, "float64", "fail")
+    failing.divergence_trace = [{"name": f"op{i}", "phase": "forward" if i < 5 else "backward",
+                                 "rel_err": 10.0 ** (i - 12) if i else 0.0} for i in range(9)] + \
+        [{"name": "inf", "phase": "backward", "rel_err": float("inf")}]
+    _assert_png(accounting.write_png([failing], str(tmp_path / "f.png")))
+
+
+def _assert_png(path):
+    import matplotlib.image
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(str(path)).shape[0] > 100
