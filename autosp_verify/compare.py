@@ -190,9 +190,29 @@ def compare(ref, ranks: list, tol: Tolerance) -> Comparison:
     return Comparison(loss, outputs, grads)
 
 
+def structural_collectives(ranks: list) -> dict | None:
+    """The collectives each rank run issued through autosp's ops (fake simulator, see
+    simulators/fake.py), as ``{"RANK": {kind: count, kind_bytes: bytes}}``; None when nothing was
+    counted on any rank (autosp not loaded, or an impl that does not use autosp's ops)."""
+    counted = {str(r): dict(sorted((res.get("structural_collectives") or {}).items()))
+               for r, res in enumerate(ranks) if res is not None}
+    return counted if any(counted.values()) else None
+
+
+def describe_collectives(counts: dict) -> str:
+    """``all_reduce 1 (8 B), all_to_all 16 (65536 B)``: count by kind, bytes handed to each kind."""
+    kinds = sorted(k for k in counts if not k.endswith("_bytes"))
+    return ", ".join(f"{k} {counts[k]} ({counts.get(k + '_bytes', 0)} B)" for k in kinds) or "none"
+
+
 def check_structure(ref, ranks: list) -> list:
-    """For the fake simulator: shapes only (values are meaningless). Returns the problems found."""
+    """For the fake simulator: shapes, and the same collectives on every rank run (values are
+    meaningless). Returns the problems found."""
     problems = []
+    counted = structural_collectives(ranks)
+    if counted and len({tuple(c.items()) for c in counted.values()}) > 1:
+        problems.append("ranks issue different collectives (autosp's ops, forward and backward): "
+                        + "; ".join(f"rank {r}: {describe_collectives(c)}" for r, c in counted.items()))
     for r, res in enumerate(ranks):
         if res is None:
             continue

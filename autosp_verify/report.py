@@ -35,6 +35,9 @@ class CaseResult:
     tensors: list = field(default_factory=list)  # every check: {"name", "abs_err", "rel_err", "passed"}
     # Cost against the ideal (accounting.py): {"collectives", "memory", "compile_s"}; None when off.
     accounting: Optional[dict] = None
+    # Fake simulator: each rank run's collectives through autosp's ops ({"RANK": {kind: count,
+    # kind_bytes: bytes}}, forward and backward); None when nothing was counted.
+    structural_collectives: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -119,6 +122,11 @@ def format_table(cases) -> str:
         if case and (case.error or case.failures):
             for detail in ([_first_line(case.error)] if case.error else []) + case.failures[:5]:
                 lines.append(f"    {detail}")
+        per_rank = list((case.structural_collectives or {}).values()) if case else []
+        if per_rank and all(c == per_rank[0] for c in per_rank):  # disagreeing ranks: in the failures
+            kinds = ", ".join(f"{k} {n}" for k, n in per_rank[0].items() if not k.endswith("_bytes"))
+            lines.append(f"    collectives per rank (autosp's ops, ranks {', '.join(case.structural_collectives)}): "
+                         f"{kinds}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from autosp_verify.compare import check_structure, compare, tolerance_for
+from autosp_verify.compare import check_structure, compare, structural_collectives, tolerance_for
 from autosp_verify.core import DTYPES, CaseSpec, LoadedCase, build_case, model_functions, rank_fn, reference
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
@@ -86,6 +86,7 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
                                          _payload, memory=memory, compile_time=compile_time)
     if sim.structural:
         result.failures = check_structure(ref, ranks)
+        result.structural_collectives = structural_collectives(ranks)
         result.status = "fail" if result.failures else "structural"
         return result
     cmp = compare(ref, ranks, tol)

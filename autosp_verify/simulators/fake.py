@@ -1,13 +1,21 @@
 """Structural runs at large P on torch's fake process group: shapes, graph validity, no numerics.
 
 Fake collectives return plausible but wrong values (an all-to-all hands back its input), so a
-result from here only says that the step ran and produced well-shaped outputs and gradients. Only
-rank 0 and the last rank run, one after the other, in a worker thread (so a hang is bounded) with
-its own thread-local process-group world (so nothing leaks into the caller's).
+result from here only says that the step ran, produced well-shaped outputs and gradients, and
+issued the same collectives on every rank run. Only rank 0 and the last rank run, one after the
+other, in a worker thread (so a hang is bounded) with its own thread-local process-group world
+(so nothing leaks into the caller's).
+
+Collectives: when autosp is loaded, each rank's result carries under ``"structural_collectives"``
+what that rank issued through autosp's ops, forward and backward (``autosp.collective_counts()``:
+count by kind, and the bytes handed to each kind under ``KIND_bytes``), reset before the rank
+starts; ``compare.check_structure`` requires every rank run to agree. Collectives an impl issues
+without autosp's ops are not seen (the entry is then empty on every rank).
 """
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 
 import torch
@@ -16,6 +24,30 @@ import torch.distributed as dist
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
 from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world
+
+
+COLLECTIVES = "structural_collectives"  # the key in each rank's result dict
+
+
+def _autosp_counts():
+    """autosp's per-thread collective counter, or None when autosp is not loaded (never imported
+    just to ask: an impl without autosp runs without it)."""
+    module = sys.modules.get("autosp.collectives")
+    return None if module is None else module.collective_counts()
+
+
+def counting_collectives(rank_fn):
+    """``rank_fn`` whose result also holds the collectives the rank issued through autosp's ops."""
+    def counted(ctx, payload):
+        counts = _autosp_counts()
+        if counts is not None:
+            counts.clear()
+        result = rank_fn(ctx, payload)
+        counts = _autosp_counts()  # autosp may have been loaded by this rank's impl
+        if isinstance(result, dict):
+            result[COLLECTIVES] = None if counts is None else dict(counts)
+        return result
+    return counted
 
 
 def _run_ranks(ranks, world_size, rank_fn, payload, events):
@@ -47,7 +79,7 @@ class FakeSimulator(Simulator):
         with _RUN_LOCK, _threaded_world():
             events = queue.Queue()
             worker = threading.Thread(target=_run_ranks, name="autosp-verify-fake", daemon=True,
-                                      args=(ranks, world_size, rank_fn, payload, events))
+                                      args=(ranks, world_size, counting_collectives(rank_fn), payload, events))
             worker.start()
             worker.join(timeout)
             alive = worker.is_alive()
