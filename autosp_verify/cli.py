@@ -4,6 +4,8 @@ Exit status: 0 every case equivalent (or structurally sound, with --simulator fa
 an impl crash or a timeout; 2 bad usage, an unloadable model file, or a model failing on one
 device; 3 the impl refused the model (every non-passing case unsupported); 4 nothing could be
 checked here (e.g. --simulator nccl without enough GPUs).
+
+``--explore N`` searches N cases for a failure instead and shrinks it (see explore.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class Config:
     json: str | None = None
     rtol: float | None = None
     atol: float | None = None
+    explore: int | None = None  # --explore N: search N cases for a failure (explore.py), not the grid
+    explore_dtypes: tuple | None = None
+    explicit: frozenset = frozenset()  # the options the command line gives (--explore's bounds)
     memory: bool = False
     compile_time: bool = False
     report: str | None = None
@@ -56,6 +61,14 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
+def _dtype_list(text: str) -> tuple:
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",")))
+    bad = [v for v in values if v not in DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    return values
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autosp-verify", description="Prove or disprove that a sequence-parallel "
                                 "implementation of a model is exact against the model on one device.")
@@ -72,6 +85,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
     p.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    p.add_argument("--explore", metavar="N", type=_positive_int, help="search N cases for a failure, shrink "
+                   "it to the smallest, print the command reproducing it. Drawn: P from --world-size (default "
+                   "2,4), S from 1 to --seq-len (default 64; from the smallest to the largest when several "
+                   "are given), B from 1 to --batch (default 4)")
+    p.add_argument("--explore-dtypes", metavar="D1,D2", type=_dtype_list, help="dtypes --explore draws "
+                   "(default: --dtype)")
     p.add_argument("--memory", action="store_true", help="also estimate per-rank activation memory against one "
                    "device (runs every case once more, P positions longer)")
     p.add_argument("--compile-time", action="store_true", help="also time compiling with and without the passes "
@@ -80,15 +99,28 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given_options(argv) -> frozenset:
+    """The options the command line gives (argparse fills in defaults, so re-parse without them)."""
+    p = get_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(p.parse_args(argv)))
+
+
 def parse_args(argv=None) -> Config:
     a = get_parser().parse_args(argv)
     return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
                   a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
-                  report=a.report)
+                  report=a.report,
+                  explore=a.explore, explore_dtypes=a.explore_dtypes,
+                  explicit=_given_options(argv) if a.explore else frozenset())
 
 
 def run(config: Config, out=None) -> int:
     out = out or sys.stdout  # looked up per call, so redirected stdout (tests, callers) is honoured
+    if config.explore:
+        from autosp_verify.explore import run_explore
+        return run_explore(config, out)
     cases = []
     try:
         for world_size in config.world_sizes:
