@@ -12,3 +12,13 @@ from autosp_verify.run import verify, verify_file
 
 __all__ = ["CaseResult", "ImplUnavailable", "ModelFileError", "TOLERANCES", "Tolerance", "is_refusal",
            "load_model_file", "resolve_impl", "verify", "verify_file"]
+__all__ += ["assert_sp_equivalent"]
+
+
+def __getattr__(name):
+    # assert_sp_equivalent lives in the pytest plugin; imported on first use so that importing
+    # autosp_verify does not import pytest (a test dependency only).
+    if name == "assert_sp_equivalent":
+        from autosp_verify.pytest_plugin import assert_sp_equivalent
+        return assert_sp_equivalent
+    raise AttributeError(f"module 'autosp_verify' has no attribute {name!r}")

@@ -36,6 +36,7 @@ class Config:
     json: str | None = None
     rtol: float | None = None
     atol: float | None = None
+    junit_xml: str | None = None
     explore: int | None = None  # --explore N: search N cases for a failure (explore.py), not the grid
     explore_dtypes: tuple | None = None
     explicit: frozenset = frozenset()  # the options the command line gives (--explore's bounds)
@@ -85,6 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
     p.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    p.add_argument("--junit-xml", metavar="PATH", help="also write a JUnit XML report, one testcase per case")
     p.add_argument("--explore", metavar="N", type=_positive_int, help="search N cases for a failure, shrink "
                    "it to the smallest, print the command reproducing it. Drawn: P from --world-size (default "
                    "2,4), S from 1 to --seq-len (default 64; from the smallest to the largest when several "
@@ -111,7 +113,7 @@ def parse_args(argv=None) -> Config:
     a = get_parser().parse_args(argv)
     return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
                   a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
-                  report=a.report,
+                  report=a.report, junit_xml=a.junit_xml,
                   explore=a.explore, explore_dtypes=a.explore_dtypes,
                   explicit=_given_options(argv) if a.explore else frozenset())
 
@@ -136,6 +138,9 @@ def run(config: Config, out=None) -> int:
     if config.json:
         with open(config.json, "w") as f:
             f.write(to_json(cases) + "\n")
+    if config.junit_xml:
+        from autosp_verify.junit import write_junit_xml
+        write_junit_xml(cases, config.junit_xml, model=config.model)
     if config.report:
         from autosp_verify.accounting import write_png
         os.makedirs(config.report, exist_ok=True)
