@@ -33,6 +33,9 @@ class CaseResult:
     error: Optional[str] = None
     failures: list = field(default_factory=list)  # one line per failing tensor, worst first
     tensors: list = field(default_factory=list)  # every check: {"name", "abs_err", "rel_err", "passed"}
+    # A failing case only (see divergence.py): the first value that differs, and every value compared.
+    first_divergence: Optional[dict] = None  # {"phase", "name", "op", "source", ..., "message"}
+    divergence_trace: list = field(default_factory=list)  # [{"name", "op", "phase", "rel_err"}]
     # Cost against the ideal (accounting.py): {"collectives", "memory", "compile_s"}; None when off.
     accounting: Optional[dict] = None
     # Fake simulator: each rank run's collectives through autosp's ops ({"RANK": {kind: count,
@@ -122,6 +125,8 @@ def format_table(cases) -> str:
         if case and (case.error or case.failures):
             for detail in ([_first_line(case.error)] if case.error else []) + case.failures[:5]:
                 lines.append(f"    {detail}")
+        if case and case.first_divergence:
+            lines.append(f"    first divergence: {case.first_divergence['message']}")
         per_rank = list((case.structural_collectives or {}).values()) if case else []
         if per_rank and all(c == per_rank[0] for c in per_rank):  # disagreeing ranks: in the failures
             kinds = ", ".join(f"{k} {n}" for k, n in per_rank[0].items() if not k.endswith("_bytes"))

@@ -46,13 +46,36 @@ def _payload(sim, spec, base, batch, folder):
     return dataclasses.replace(spec, weights_path=path)
 
 
+def _diagnose(spec, sim, base, batch, tol, timeout):
+    """Run a failing case again, recording every intermediate value (divergence.py), and find
+    the first one that differs. Never raises: a diagnosis that cannot run says why."""
+    from autosp_verify.divergence import locate
+    spec = dataclasses.replace(spec, probes=("record",))  # alone: other probes must not watch a compiled reference
+    try:
+        with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
+            ref = reference(base, batch, spec)
+            with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder:
+                ranks = sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, folder), timeout)
+        first, trace = locate(ref.probes["record"], [r["probes"]["record"] for r in ranks], tol, spec.seq_len)
+    except Exception as exc:
+        text = f"could not record intermediate values ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+        if "compile" in str(exc):
+            text += ("; module hooks cannot record inside a model compiled whole: an impl built on autosp "
+                     "can offer with_backend (see the impl protocol) to be recorded op by op")
+        return {"message": text}, []
+    if first is None:
+        first = {"message": "every recorded intermediate value and gradient matches; the difference is "
+                            "in what the impl does after the model (loss, outputs) or outside what was recorded"}
+    return first, trace
+
+
 def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
-             rtol: float | None = None, atol: float | None = None,
+             rtol: float | None = None, atol: float | None = None, diagnose: bool = True,
              accounting: bool = True, memory: bool = False, compile_time: bool = False) -> CaseResult:
     """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input.
-    ``accounting``: collectives against the Ulysses minimum; ``memory``: also activation memory per
-    rank (runs the case once more, see accounting.py); ``compile_time``: also compile with and
-    without the passes."""
+    A failing case is run once more to find its first divergence (``diagnose``). ``accounting``:
+    collectives against the Ulysses minimum; ``memory``: also activation memory per rank (runs
+    the case once more, see accounting.py); ``compile_time``: also compile with and without the passes."""
     for name in ("world_size", "seq_len", "batch"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(spec, name)!r}")
@@ -97,6 +120,8 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
     result.worst_tensor = {"name": worst.name, "abs_err": worst.abs_err, "rel_err": worst.rel_err}
     result.worst_grad = None if grad is None else {"name": grad.name.removeprefix("grad "), "rel_err": grad.rel_err}
     result.failures = cmp.failures()
+    if not cmp.passed and diagnose:
+        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout)
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
                       for c in cmp.checks]
     return result
