@@ -378,13 +378,14 @@ def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory
     the activation memory, which runs the ranks again on a batch P positions longer
     (``rerun(spec2, batch2) -> rank results``) and the single-device model twice."""
     ref_data = ref.probes.get(NAME) or {}
+    ranks = [r for r in ranks if r is not None]  # the fake simulator runs only some ranks
     rank_data = [(r.get("probes") or {}).get(NAME) or {} for r in ranks]
     result = {"collectives": _collectives(spec, ref_data, rank_data)}
     if memory and rank_data and all(d.get("saved") is not None for d in rank_data):
         batch2, ranks2 = None, None
         try:
             spec2, batch2 = _longer_batch(spec, base, inputs_fn)
-            ranks2 = [r["probes"][NAME] for r in rerun(spec2, batch2)]
+            ranks2 = [r["probes"][NAME] for r in rerun(spec2, batch2) if r is not None]
         except Exception as exc:  # noqa: BLE001 (reported: the accounting never fails a case)
             result["memory_note"] = f"the run at S+P failed: {type(exc).__name__}: {exc}"
             batch2 = None

@@ -122,3 +122,10 @@ def _assert_png(path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(str(path)).shape[0] > 100
+
+
+def test_fake_simulator_counts_the_ranks_it_runs():
+    """The fake simulator runs rank 0 and the last rank only: both counted, at the minimum."""
+    r = _case(TINY, "autosp-eager", 4, 32, simulator="fake")
+    assert r.status == "structural" and r.accounting["collectives"]["at_minimum"], r.accounting
+    assert len(r.accounting["collectives"]["per_rank"]) == 2
