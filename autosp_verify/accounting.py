@@ -1,13 +1,15 @@
 """Accounting: what a case costs per rank, next to what Ulysses needs at least.
 
-Three figures per case, in ``CaseResult.accounting`` (JSON) and three table columns.
+Three figures per case, in ``CaseResult.accounting`` (JSON) and the table's columns
+``a2a/ar (min)``, ``sent/rank (min)``, ``mem/rank (1/P)`` and, when timed, ``compile s (no SP)``.
 
 Collectives (``collectives``)
     Per training step (forward and backward) and per rank, by kind, and the bytes each rank
     sends to the other ranks. Measured only for impls whose step is an ``autosp.compile``
     callable (the three ``autosp*`` impls, or a user impl returning one): autosp counts every
     collective its ops run, per thread (``autosp.collective_counts``), and its graph runs no
-    other. Other impls show "-": nothing sound and non-global sees their collectives.
+    other. ``measured`` is the rank that sends most (``per_rank``: every rank). Other impls show
+    "-": nothing sound and non-global sees their collectives.
 
     The Ulysses minimum comes from the single-device reference: a torch-function mode records
     every ``scaled_dot_product_attention`` call (q/k/v shapes, ``enable_gqa``, and how many
@@ -28,7 +30,8 @@ Collectives (``collectives``)
 
 Activation memory (``memory``)
     The tensors the autograd graph holds for the backward right after the forward: the peak of
-    activation memory in a training step (parameters, buffers and the batch excluded). The graph
+    activation memory in a training step (parameters, buffers and the batch excluded; transient
+    buffers inside the forward, e.g. all-to-all send buffers, are not in it). The graph
     is walked from ``loss.grad_fn``: builtin nodes expose ``_saved_*``, custom-function nodes
     (autosp's ops, AOTAutograd's ``CompiledFunctionBackward``) ``saved_tensors``; storages are
     counted once. Compared like with like: the single-device figure is the model run the way
@@ -361,7 +364,8 @@ def _memory(spec, base, batch, batch2, rank_data, rank_data2):
         out["seq2_ratio"] = max(r["seq2"] for r in ranks) / ref["seq2"] if ref["seq2"] else None
     else:
         out["ratio"] = None
-        out["note"] = "sequence-long tensors not told apart (the second run differed in structure)"
+        out["note"] = ("sequence-long tensors not told apart: " +
+                       ("no run at S+P" if batch2 is None else "the run at S+P saved a different set of tensors"))
     return out
 
 
@@ -481,7 +485,8 @@ def write_png(cases, path: str) -> str:
     sizes = sorted({p for points in series.values() for p, _ in points})
     if sizes:
         grid = list(range(1, max(sizes) + 1))
-        ax.plot(grid, [1 / p for p in grid], "k--", label="ideal 1/P")
+        fine = [1 + i * (max(sizes) - 1) / 200 for i in range(201)]
+        ax.plot(fine, [1 / p for p in fine], "k--", label="ideal 1/P")
         for label, points in sorted(series.items()):
             points.sort()
             ax.plot([p for p, _ in points], [r for _, r in points], "o-", label=label)
