@@ -92,15 +92,16 @@ def _bytes(n):
         n /= 1000
 
 
-def _accounting_cells(c, compile_column: bool) -> tuple:
-    """a2a/ar (min), sent/rank (min), mem/rank (1/P)[, compile s (no SP)]: measured (ideal)."""
+def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
+    """a2a/ar (min), sent/rank (min)[, mem/rank (1/P)][, compile s (no SP)]: measured (ideal)."""
     acc = c.accounting or {}
     coll, mem = acc.get("collectives") or {}, acc.get("memory") or {}
     low, got = coll.get("minimum"), coll.get("measured")
     kinds = "-" if got is None else f"{got.get('all_to_all', 0)}/{got.get('all_reduce', 0)}"
     cells = [f"{kinds} ({low['all_to_all']}/{low['all_reduce']})" if low else "-",
-             f"{'-' if got is None else _bytes(got['bytes_sent'])} ({_bytes(low['bytes_sent'])})" if low else "-",
-             "-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f})"]
+             f"{'-' if got is None else _bytes(got['bytes_sent'])} ({_bytes(low['bytes_sent'])})" if low else "-"]
+    if memory_column:
+        cells.append("-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f})")
     if compile_column:
         times = acc.get("compile_s")
         cells.append("-" if not times else f"{times['with_passes']:.1f} ({times['without']:.1f})")
@@ -110,13 +111,14 @@ def _accounting_cells(c, compile_column: bool) -> tuple:
 def format_table(cases) -> str:
     shown = any(c.accounting for c in cases)
     timed = any((c.accounting or {}).get("compile_s") for c in cases)
-    extra = (("a2a/ar (min)", "sent/rank (min)", "mem/rank (1/P)") + (("compile s (no SP)",) if timed else ())
-             if shown else ())
+    measured = any(((c.accounting or {}).get("memory") or {}).get("ratio") is not None for c in cases)
+    extra = (("a2a/ar (min)", "sent/rank (min)") + (("mem/rank (1/P)",) if measured else ())
+             + (("compile s (no SP)",) if timed else ()) if shown else ())
     rows = [("impl", "simulator", "P", "S", "loss err", "worst grad (rel err)", *extra, "verdict")]
     for c in cases:
         grad = "-" if c.worst_grad is None else f"{c.worst_grad['name']} ({_num(c.worst_grad['rel_err'])})"
         rows.append((c.impl, c.simulator, str(c.world_size), str(c.seq_len), _num(c.loss_abs_err), grad,
-                     *(_accounting_cells(c, timed) if shown else ()), c.status.upper()))
+                     *(_accounting_cells(c, measured, timed) if shown else ()), c.status.upper()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
