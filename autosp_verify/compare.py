@@ -6,7 +6,11 @@ Metric, per tensor, computed in float64 over the finite entries::
     rel_err = abs_err / max |ref|     (0 when both are exactly zero; inf when ref is all zero and impl not)
     passes  iff  abs_err <= atol + rtol * max |ref|
 
-NaN/Inf in the impl where the reference is finite is a failure named as such. ``rtol`` is set by
+NaN/Inf in the impl where the reference is finite is a failure named as such, with the tensor,
+the count and, for the loss and gradients, the rank (abs/rel err are NaN then: no number hides
+it). A reference whose loss or gradients are not finite never gets here: the model fails on one
+device (``core.reference``, exit 2); non-finite reference outputs must match position by
+position (NaN where NaN, the same infinities). ``rtol`` is set by
 the dtype the case runs in, or by the compared tensor's own dtype when that is coarser: a model
 that computes its loss in float32 inside a float64 run (HF upcasts logits with ``.float()``)
 produces a float32 loss, which carries float32 precision whatever the case dtype; ``atol`` is tiny (about 1000 ulp of 1.0 in float64, 1 ulp-ish in
@@ -67,6 +71,12 @@ class TensorCheck:
         return f"{text} ({self.problem})" if self.problem else text
 
 
+def non_finite(t: torch.Tensor) -> str:
+    """'NaN', 'Inf', 'NaN and Inf' (what ``t`` holds that is not finite), or '' when all finite."""
+    kinds = [k for k, present in (("NaN", torch.isnan(t).any()), ("Inf", torch.isinf(t).any())) if present]
+    return " and ".join(kinds)
+
+
 def check_tensor(name: str, impl: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> TensorCheck:
     tol = _for_tensor(tol, ref.dtype)
     if tuple(impl.shape) != tuple(ref.shape):
@@ -75,7 +85,9 @@ def check_tensor(name: str, impl: torch.Tensor, ref: torch.Tensor, tol: Toleranc
     fi, fr = torch.isfinite(i), torch.isfinite(r)
     problem = ""
     if (fr & ~fi).any():
-        problem = "NaN/Inf in the impl where the reference has none"
+        bad = fr & ~fi
+        problem = (f"NaN/Inf where the reference is finite: {non_finite(i[bad])} in {int(bad.sum())} of "
+                   f"{bad.numel()} entries")
     elif (~fr).any() and not torch.equal(i[~fr].nan_to_num(nan=0.5), r[~fr].nan_to_num(nan=0.5)):
         problem = "non-finite values differ from the reference"
     both = fi & fr
@@ -103,10 +115,15 @@ def check_loss(ref: torch.Tensor, rank_losses: dict, tol: Tolerance) -> TensorCh
         return TensorCheck("loss", problem=f"not a scalar on rank(s) {bad}")
     checks = [check_tensor(f"loss (rank {r})", loss.reshape(()), ref.reshape(()), tol) for r, loss in rank_losses.items()]
     values = {r: loss.double().item() for r, loss in rank_losses.items()}
-    spread = max(values.values()) - min(values.values())
+    bad = {r: non_finite(torch.tensor(v)) for r, v in values.items() if not math.isfinite(v)}
+    finite = [v for v in values.values() if math.isfinite(v)]
+    spread = max(finite) - min(finite) if finite else 0.0  # max/min with a NaN depend on the order
     problem = ""
     own = _for_tensor(tol, ref.dtype)  # the same tolerance the per-rank checks use
-    if spread > own.atol + own.rtol * abs(ref.double().item()):
+    if bad and math.isfinite(ref.double().item()):
+        where = ", ".join(f"{kind} on rank {r}" for r, kind in bad.items())
+        problem = f"NaN/Inf where the reference is finite: {where}"
+    elif spread > own.atol + own.rtol * abs(ref.double().item()):
         problem = "loss differs across ranks: " + ", ".join(f"rank {r} {v:.10g}" for r, v in values.items())
     return _worst(checks, "loss", problem)
 
@@ -145,7 +162,11 @@ def check_grad(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -> 
         return TensorCheck(f"grad {name}", problem=f"shape {tuple(per_rank[bad[0]].shape)} on rank {bad[0]}, "
                                                    f"reference {tuple(ref.shape)}")
     total = sum(g.detach().cpu().double() for g in per_rank.values())
-    return check_tensor(f"grad {name}", total, ref, tol)
+    check = check_tensor(f"grad {name}", total, ref, tol)
+    bad = [r for r, g in per_rank.items() if not torch.isfinite(g).all()]
+    if check.problem and bad:  # the sum hides whose it was
+        check.problem += f", from rank{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}"
+    return check
 
 
 @dataclass
@@ -168,11 +189,12 @@ class Comparison:
 
     @property
     def max_grad_rel_err(self) -> float:
-        return max((c.rel_err for c in self.grads), default=0.0)
+        errors = [c.rel_err for c in self.grads]
+        return math.nan if any(math.isnan(e) for e in errors) else max(errors, default=0.0)  # NaN never hides
 
     @property
     def worst_grad(self) -> TensorCheck | None:
-        return max(self.grads, key=lambda c: c.rel_err, default=None)
+        return max(self.grads, key=lambda c: math.inf if math.isnan(c.rel_err) else c.rel_err, default=None)
 
     def failures(self) -> list:
         """The failing checks, worst first."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autosp_verify.compare import non_finite
 from autosp_verify.impls import is_refusal, resolve_impl
 from autosp_verify.model_file import ModelFileError, load_model_file
 from autosp_verify.outputs import OutputError, split_output
@@ -126,8 +127,19 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         raise ModelFileError(f"{where}: on one device, {exc}") from None
     except Exception as exc:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
+    _check_finite(where, loss, grads)
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
                      {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
+
+
+def _check_finite(where, loss, grads):
+    """A loss or gradient that is NaN/Inf on one device leaves nothing to verify against."""
+    tensors = [("loss", loss), *((f"grad {n}", g) for n, g in grads.items())]
+    bad = [f"{name} has {kind}" for name, kind in ((name, non_finite(t.detach())) for name, t in tensors) if kind]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ModelFileError(f"{where}: the model fails on one device: {', '.join(bad[:3])}{more}; nothing to "
+                             "verify against (check the model, the inputs, the dtype)")
 
 
 class LoadedCase:

@@ -11,6 +11,11 @@ bytecode, which ends Python-level hangs). Before the next run starts, leftovers 
 are stopped the same way and waited for (an impl's process-global state, e.g. DeepSpeed's group
 registry, must not change under the new run); at exit too, so the interpreter does not shut
 down under a thread still inside C++ (e.g. a compile).
+
+Every collective a rank runs is recorded for the run (``collective_log.record_threaded``): ranks
+that enter one collective with different kinds, dtypes or shapes fail at once with a
+"collective mismatch" naming each rank's call, and a timeout names the collective the waiting
+ranks are in and the ranks that never joined it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from autosp_verify.collective_log import record_threaded, snapshot, stall_message
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
 
@@ -66,8 +72,9 @@ def _rank_thread(*args):
         pass
 
 
-def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout, run_id):
+def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout, run_id, log):
     try:
+        log.bind(rank)
         world.group_count = run_id  # the default group is named after the run, not "0" every time
         dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))
@@ -82,21 +89,19 @@ def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout
             dist.destroy_process_group()
 
 
-def _waiting_ranks():
-    """Ranks sitting in a collective right now (they joined; someone else has not)."""
-    joined = set()
-    for coll in list(_mtpg().ProcessLocalGroup._cur_coll_on_pgs.values()):
-        joined.update(r for r, d in enumerate(coll._data) if d is not None)
-    return sorted(joined)
+def _timeout_failure(timeout, pending, log):
+    message, rank = stall_message(log.ranks, pending, len(log.ranks))
+    return RankFailure(rank, "timeout", f"timed out after {timeout:g} s: {message}", snapshot(log.ranks))
 
 
-def _timeout_failure(timeout, pending):
-    waiting = [r for r in _waiting_ranks() if r in pending]
-    stuck = sorted(set(pending) - set(waiting))
-    message = f"timed out after {timeout:g} s: rank(s) {sorted(pending)} did not finish"
-    if waiting and stuck:
-        message += f"; rank(s) {waiting} wait in a collective that rank(s) {stuck} never joined"
-    return RankFailure(stuck[0] if stuck else min(pending), "timeout", message)
+def _explained(failure, log):
+    """A rank's failure; a collective mismatch instead when that is what stopped the run."""
+    if log.mismatch is not None:
+        message, ranks = log.mismatch
+        return RankFailure(ranks[0] if ranks else failure.rank, "error", message,
+                           f"{failure.message}\n{failure.detail}\n{snapshot(log.ranks)}")
+    return RankFailure(failure.rank, failure.kind, failure.message,
+                       f"{failure.detail}\ncollectives when the run ended:\n{snapshot(log.ranks)}")
 
 
 def _abandon(threads, hung: bool):
@@ -154,32 +159,33 @@ class ThreadedSimulator(Simulator):
             return self._run(world_size, rank_fn, payload, timeout)
 
     def _run(self, world_size, rank_fn, payload, timeout):
-        with _threaded_world() as world:
+        with _threaded_world() as world, record_threaded(world_size) as log:
             store = dist.HashStore()
             events = queue.Queue()
             run_id = next(_RUN_IDS)
             threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-run{run_id}-rank{r}", daemon=True,
-                                        args=(r, world_size, store, rank_fn, payload, events, world, timeout, run_id))
+                                        args=(r, world_size, store, rank_fn, payload, events, world, timeout, run_id,
+                                              log))
                        for r in range(world_size)]
             for t in threads:
                 t.start()
             try:
-                return _collect(events, world_size, timeout)
+                return _collect(events, world_size, timeout, log)
             except SimulationError as exc:
                 _abandon(threads, hung=exc.failure.kind == "timeout")
                 raise
 
 
-def _collect(events, world_size, timeout):
+def _collect(events, world_size, timeout, log):
     deadline = time.monotonic() + timeout
     results, pending = [None] * world_size, set(range(world_size))
     while pending:
         try:
             rank, failure, value = events.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise SimulationError(_timeout_failure(timeout, pending)) from None
+            raise SimulationError(_timeout_failure(timeout, pending, log)) from None
         if failure is not None:
-            raise SimulationError(failure)
+            raise SimulationError(_explained(failure, log))
         results[rank] = value
         pending.discard(rank)
     return results

@@ -116,3 +116,60 @@ def releasing_straggler(impl):
             return step(**batch)
         return released
     return wrapped
+
+
+# --- robustness of the verifier itself (tests/verify/test_robustness.py) ---------------------------
+
+def swapped_order(model, group):
+    """Rank 0 all-reduces then all-to-alls; the other ranks run the same two in the other order."""
+    def step(**batch):
+        x = torch.ones(2 * group.size(), 8, 4, dtype=torch.float64)
+        calls = [lambda: dist.all_reduce(torch.ones((), dtype=torch.float64), group=group),
+                 lambda: dist.all_to_all_single(torch.empty_like(x), x, group=group)]
+        for call in (calls if dist.get_rank(group) == 0 else calls[::-1]):
+            call()
+        return _loss(model, batch)
+    return step
+
+
+def mismatched_shapes(model, group):
+    """Every rank all-reduces, rank 0 a [4] tensor, the others a [3] one."""
+    def step(**batch):
+        dist.all_reduce(torch.ones(4 if dist.get_rank(group) == 0 else 3), group=group)
+        return _loss(model, batch)
+    return step
+
+
+def mismatched_dtypes(model, group):
+    """Rank 0 all-reduces float64, the others float32: the threaded backend would promote silently."""
+    def step(**batch):
+        dist.all_reduce(torch.ones(4, dtype=torch.float64 if dist.get_rank(group) == 0 else torch.float32),
+                        group=group)
+        return _loss(model, batch)
+    return step
+
+
+def _replicated_step(model, group, tamper):
+    """Every rank runs the whole model (exact, see ``replicated``); ``tamper(rank, loss)`` may spoil it."""
+    def step(**batch):
+        out = _loss(model, batch)
+        p = group.size()
+        loss = out["loss"] / p + (out["loss"] - out["loss"] / p).detach()
+        return {"loss": tamper(dist.get_rank(group), loss), "logits": out["logits"]}
+    return step
+
+
+def nan_loss_on_rank1(model, group):
+    """Exact, except that rank 1's loss VALUE is NaN (its gradients stay finite and right)."""
+    return _replicated_step(model, group, lambda rank, loss: loss + float("nan") if rank == 1 else loss)
+
+
+def inf_grad_on_rank1(model, group):
+    """Exact, except that one entry of rank 1's gradient of the output head is +Inf."""
+    if dist.get_rank(group) == 1:
+        def poison(grad):
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+            return grad
+        model.head.weight.register_hook(poison)
+    return _replicated_step(model, group, lambda rank, loss: loss)
