@@ -14,6 +14,18 @@ from .conftest import HERE, TINY, WIDE
 pytest.importorskip("deepspeed")
 
 
+@pytest.fixture(autouse=True)
+def _restore_partitioner():
+    """DeepSpeed's AutoSP init redefines torch's min-cut partitioner (``solve_min_cut``) for the
+    whole process; every later torch.compile then recomputes all-to-alls in the backward
+    (autosp's graphs: 11 per layer instead of 8, q, k and v sent again). Undo it after each test
+    so that other tests on this worker see stock torch."""
+    import torch._functorch.partitioners as partitioners
+    original = partitioners.solve_min_cut
+    yield
+    partitioners.solve_min_cut = original
+
+
 def assert_deepspeed_findings(r):
     assert r.status == "fail" and not r.passed
     loss = next(f for f in r.failures if f.startswith("loss"))
