@@ -35,6 +35,7 @@ def _inputs_fn(positions, padding_mask):
     def inputs_fn(batch, seq_len, generator):
         ids = torch.randint(0, VOCAB, (batch, seq_len), generator=generator)
         labels = ids.masked_fill(torch.rand(batch, seq_len, generator=generator) < 0.2, -100)
+        labels[:, -1] = ids[:, -1]  # one target at least: an all-ignored loss is NaN on one device too
         batch_inputs = {"input_ids": ids, "labels": labels}
         if positions:
             batch_inputs["position_ids"] = torch.arange(seq_len).expand(batch, seq_len) + 5
