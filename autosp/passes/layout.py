@@ -35,6 +35,7 @@ LAYOUT, RULE = "autosp_layout", "autosp_rule"
 # graph names itself; a node a pass inserts in place of one names the node it replaces; other
 # inserted nodes (partial sums, padding, repeats) have none. The verifier compares by it.
 VALUE_OF = "autosp_value_of"
+SEQ_LEN = "autosp_sequence_length"  # marks the placeholder that holds the full length S
 
 
 def stands_for(new: fx.Node, old: fx.Node) -> fx.Node:

@@ -13,7 +13,7 @@ from torch import fx
 
 from autosp.passes.attention import attention
 from autosp.passes.context import PassContext
-from autosp.passes.layout import VALUE_OF, analyse, find_sequence
+from autosp.passes.layout import SEQ_LEN, VALUE_OF, analyse, find_sequence
 from autosp.passes.loss import loss
 from autosp.passes.outputs import outputs
 from autosp.passes.shard_inputs import shard_inputs
@@ -43,6 +43,7 @@ def run_passes(gm: fx.GraphModule, *, world_size: int, group: str, seq_dim: int 
     ctx = PassContext(gm, find_sequence(gm, seq_dim), world_size, group)
     for node in gm.graph.nodes:
         node.meta.setdefault(VALUE_OF, node.name)
+    ctx.seq.node.meta[SEQ_LEN] = True  # the placeholder holding S at run time, for the verifier
     for name in pipeline:
         before = gm.code if debug else None
         PASSES[name](ctx)
