@@ -295,14 +295,16 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
             if entry.key == entry.name and ref.op != entry.op:
                 continue  # the two traces disagree here: nothing sound to compare
             ref_value = ref.value if phase == "forward" else ref.grad
-            values = [r.get(entry.name) for r in per_rank]
-            values = [None if e is None else (e.value if phase == "forward" else e.grad) for e in values]
-            if seq_len == 1 and phase == "forward":
-                values = values[:1]  # a shard of one position has the full shape: the other ranks hold padding
             if ref_value is None:
                 continue
-            if phase == "backward" and all(v is None for v in values):
-                values = [torch.zeros_like(ref_value)] * len(values)  # no gradient reached it anywhere
+            found = [r.get(entry.name) for r in per_rank]
+            if phase == "forward":
+                values = [None if e is None else e.value for e in found]
+                if seq_len == 1:
+                    values = values[:1]  # a one-position shard has the full shape: other ranks hold padding
+            else:  # no gradient reached it on a rank: zero there
+                values = [None if e is None else e.grad if e.grad is not None else torch.zeros_like(e.value)
+                          for e in found]
             check = _check(entry.name, values, ref_value, entry.seq, tol, grads=phase == "backward")
             if check is None:
                 continue
