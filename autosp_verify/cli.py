@@ -142,7 +142,7 @@ def run(config: Config, out=None) -> int:
         from autosp_verify.junit import write_junit_xml
         write_junit_xml(cases, config.junit_xml, model=config.model)
     if config.report:
-        from autosp_verify.accounting import write_png
+        from autosp_verify.figure import write_png
         os.makedirs(config.report, exist_ok=True)
         with open(os.path.join(config.report, "report.json"), "w") as f:
             f.write(to_json(cases) + "\n")

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from autosp_verify import accounting
+from autosp_verify import accounting, figure
 from autosp_verify.cli import main
 from autosp_verify.core import CaseSpec
 from autosp_verify.report import CaseResult, format_table
@@ -114,7 +114,7 @@ def test_png_with_the_error_of_each_op_of_a_failing_case(tmp_path):
     failing.divergence_trace = [{"name": f"op{i}", "phase": "forward" if i < 5 else "backward",
                                  "rel_err": 10.0 ** (i - 12) if i else 0.0} for i in range(9)] + \
         [{"name": "inf", "phase": "backward", "rel_err": float("inf")}]
-    _assert_png(accounting.write_png([failing], str(tmp_path / "f.png")))
+    _assert_png(figure.write_png([failing], str(tmp_path / "f.png")))
 
 
 def _assert_png(path):
