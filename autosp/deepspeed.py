@@ -169,12 +169,17 @@ def _groups(sp: int) -> Groups:
     return _GROUPS[sp]
 
 
-def _route_forward(model, step):
+def _route_forward(model, step, original):
     """Calls of ``model`` (the engine calls ``self.module(...)``: its hooks still run eagerly)
     go through ``step``, which compiles the model's original forward."""
-    original = model.forward
     model.forward = step
     model._autosp_original_forward = original
+
+
+def _compiled_already(*args, **kwargs):
+    """``engine.compile()`` after ``autosp.deepspeed.initialize``: the forward already runs through
+    ``autosp.compile`` (DeepSpeed's own compile would wrap it a second time): nothing to do."""
+    return None
 
 
 def initialize(model=None, optimizer=None, config=None, *, backend="inductor", autosp_config=None,
@@ -208,11 +213,13 @@ def initialize(model=None, optimizer=None, config=None, *, backend="inductor", a
         autosp_config.group = groups.sp_group
     # The compiled callable wraps the model's ORIGINAL forward (a bound method: Dynamo lifts the
     # parameters as it does for the module), so routing model.forward to it cannot recurse.
-    step = autosp.compile(model.forward, config=autosp_config)
+    forward = getattr(model, "_autosp_original_forward", None) or model.forward  # initialised before
+    step = autosp.compile(forward, config=autosp_config)
     engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                       mpu=groups.mpu, dist_init_required=False,
                                                       **deepspeed_kwargs)
-    _route_forward(model, step)
+    _route_forward(model, step, forward)
+    engine.compile = _compiled_already
     engine.autosp_groups = groups
     engine.autosp_step = step
     return engine, opt, loader, sched

@@ -25,14 +25,18 @@ def _ds_config(stage, sp=SP):
             "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
 
 
+def _loss(out):
+    return out["loss"] if isinstance(out, dict) else out.loss
+
+
 def _model():
-    from fixtures.hf_llama import model_fn
+    from fixtures.llama_style import model_fn
     torch.manual_seed(0)
     return model_fn()
 
 
 def _batch(step, dp_rank):
-    from fixtures.hf_llama import inputs_fn
+    from fixtures.llama_style import inputs_fn
     return inputs_fn(MICRO, SEQ, torch.Generator().manual_seed(1000 * step + dp_rank))
 
 
@@ -55,7 +59,7 @@ def _worker(rank, init_file, out_dir):
         g = engine.autosp_groups
         losses = []
         for step in range(STEPS):
-            loss = engine(**_batch(step, g.dp_rank)).loss
+            loss = _loss(engine(**_batch(step, g.dp_rank)))
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -71,7 +75,7 @@ def _reference():
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     per_replica = []
     for step in range(STEPS):
-        losses = [model(**_batch(step, d)).loss for d in range(WORLD // SP)]
+        losses = [_loss(model(**_batch(step, d))) for d in range(WORLD // SP)]
         torch.stack(losses).mean().backward()
         opt.step()
         opt.zero_grad()
