@@ -194,6 +194,11 @@ def initialize(model=None, optimizer=None, config=None, *, backend="inductor", a
     from autosp.config import SPConfig
     if model is None:
         raise AutoSPError("model is required")
+    if deepspeed_kwargs.get("training_data") is not None:
+        # DeepSpeed's loader would shard over DP*SP ranks (its SP mpu has no data-parallel getters);
+        # every rank of an SP group must see the same batch.
+        raise AutoSPError("training_data is not supported: feed each DP replica's batches yourself "
+                          "(engine.autosp_groups.dp_rank / dp_size pick the replica's share)")
     if not dist.is_initialized():
         raise AutoSPError("torch.distributed is not initialized: call dist.init_process_group first")
     if dist_init_required:

@@ -170,3 +170,9 @@ def test_initialize_needs_torch_distributed():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(AutoSPError, match="not initialized"):
         initialize(model=torch.nn.Linear(2, 2), config=_ds_config(0))
+
+
+def test_initialize_refuses_deepspeeds_dataloader():
+    from autosp.deepspeed import initialize
+    with pytest.raises(AutoSPError, match="training_data is not supported"):
+        initialize(model=torch.nn.Linear(2, 2), config=_ds_config(0), training_data=[1])
