@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from autosp import collectives
+from autosp.checkpointing import selective_backend
 from autosp.config import SPConfig
 from autosp.errors import AutoSPError
 from autosp.passes.registry import run_passes
@@ -27,7 +28,7 @@ def backend_for(config: SPConfig, world_size: int | None = None, group_key: str 
     only with the same backend object, and then across ranks, threads and model instances of
     the same architecture. The group size is part of the key because the graph depends on it."""
     key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
-           world_size, group_key)
+           config.checkpointing, config.checkpoint_min_bytes, world_size, group_key)
     if key not in _BACKENDS:
         _BACKENDS[key] = make_backend(config, group_key)
     return _BACKENDS[key]
@@ -38,7 +39,11 @@ def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
         group = config.resolve_group() if group_key == collectives.WORLD else collectives.resolve_group(group_key)
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug)
-        compiled = _inner_backend(config.backend)(gm, example_inputs)
+        if config.checkpointing == "selective":
+            inner = selective_backend(config.backend, ctx.seq.symbol, config.checkpoint_min_bytes)
+        else:
+            inner = _inner_backend(config.backend)
+        compiled = inner(gm, example_inputs)
         return _runner(compiled, ctx, group_key)
     return autosp_backend
 

@@ -28,6 +28,13 @@ class SPConfig:
     debug: print the graph diff and counters around each pass.
     sequence_inputs: keyword inputs marked as carrying the sequence (first positional tensor too).
     passes: the pass pipeline (names from autosp.passes.registry), for debugging.
+    checkpointing: None (default: torch's partitioner decides what the backward keeps) or
+        "selective": sequence-aware selective activation checkpointing (autosp/checkpointing.py):
+        attention outputs and every autosp collective's output are saved, every other forward
+        value carrying the sequence of at least ``checkpoint_min_bytes`` bytes is recomputed in
+        the backward. Needs an AOTAutograd backend: "aot_eager" or "inductor".
+    checkpoint_min_bytes: the size (bytes, per rank, at the compile-time length) from which a
+        sequence-long value is recomputed rather than saved (default 0: all of them).
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None
@@ -38,6 +45,8 @@ class SPConfig:
     debug: bool = False
     sequence_inputs: tuple[str, ...] = SEQUENCE_INPUTS
     passes: tuple[str, ...] = field(default=None)
+    checkpointing: str | None = None
+    checkpoint_min_bytes: int = 0
 
     def __post_init__(self):
         from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
@@ -54,6 +63,16 @@ class SPConfig:
             raise AutoSPError("give either group or mesh, not both")
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise AutoSPError(f"backend must be a name or a callable, got {self.backend!r}")
+        from autosp.checkpointing import CHECKPOINTING, SELECTIVE_BACKENDS
+        if self.checkpointing not in CHECKPOINTING:
+            raise AutoSPError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+        if self.checkpointing and self.backend not in SELECTIVE_BACKENDS:
+            raise AutoSPError(f"checkpointing={self.checkpointing!r} needs an AOTAutograd backend "
+                              f"{SELECTIVE_BACKENDS} (it sets the partitioner's recompute tags), got "
+                              f"backend={self.backend!r}")
+        if isinstance(self.checkpoint_min_bytes, bool) or not isinstance(self.checkpoint_min_bytes, int) \
+                or self.checkpoint_min_bytes < 0:
+            raise AutoSPError(f"checkpoint_min_bytes must be a non-negative int, got {self.checkpoint_min_bytes!r}")
 
     def resolve_group(self) -> dist.ProcessGroup:
         if not dist.is_initialized():
