@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch._functorch.partitioners as partitioners
+import torch._inductor.config
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch.utils.checkpoint import CheckpointPolicy
@@ -73,6 +74,7 @@ def test_selective_checkpointing_saves_less_and_keeps_attention_outputs():
     plain, _ = _measure(2, 16, backend="aot_eager")
     selective, partitions = _measure(2, 16, backend="aot_eager", **SELECTIVE)
     assert dict(vars(partitioners)) == before  # nothing global patched
+    assert torch._inductor.config.custom_partitioner_fn is None
     layers = 2
     for (saved0, counts0), (saved1, counts1) in zip(plain, selective):
         assert saved1 < 0.6 * saved0, (saved0, saved1)
