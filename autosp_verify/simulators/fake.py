@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
-from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world
+from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world, dynamo_limits
 
 
 COLLECTIVES = "structural_collectives"  # the key in each rank's result dict
@@ -50,7 +50,12 @@ def counting_collectives(rank_fn):
     return counted
 
 
-def _run_ranks(ranks, world_size, rank_fn, payload, events):
+def _run_ranks(ranks, world_size, rank_fn, payload, events, limits):
+    with torch._dynamo.config.patch(**limits):  # the caller's limits: Dynamo's config is per thread
+        _run_each(ranks, world_size, rank_fn, payload, events)
+
+
+def _run_each(ranks, world_size, rank_fn, payload, events):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     for rank in ranks:
         try:
@@ -79,7 +84,8 @@ class FakeSimulator(Simulator):
         with _RUN_LOCK, _threaded_world():
             events = queue.Queue()
             worker = threading.Thread(target=_run_ranks, name="autosp-verify-fake", daemon=True,
-                                      args=(ranks, world_size, counting_collectives(rank_fn), payload, events))
+                                      args=(ranks, world_size, counting_collectives(rank_fn), payload, events,
+                                            dynamo_limits()))
             worker.start()
             worker.join(timeout)
             alive = worker.is_alive()

@@ -65,9 +65,18 @@ def _threaded_world():
         mtpg._uninstall_threaded_pg()
 
 
-def _rank_thread(*args):
+def dynamo_limits() -> dict:
+    """The calling thread's Dynamo recompile limits. Dynamo's config is per thread: a rank thread
+    would start from the defaults, whatever its caller set (the verifier lifts the limits)."""
+    config = torch._dynamo.config
+    return {"recompile_limit": config.recompile_limit,
+            "accumulated_recompile_limit": config.accumulated_recompile_limit}
+
+
+def _rank_thread(*args, limits):
     try:
-        _rank_body(*args)
+        with torch._dynamo.config.patch(**limits):
+            _rank_body(*args)
     except BaseException:  # an abandoned rank hit by the asynchronous SystemExit: nothing to report
         pass
 
@@ -165,7 +174,7 @@ class ThreadedSimulator(Simulator):
             run_id = next(_RUN_IDS)
             threads = [threading.Thread(target=_rank_thread, name=f"autosp-verify-run{run_id}-rank{r}", daemon=True,
                                         args=(r, world_size, store, rank_fn, payload, events, world, timeout, run_id,
-                                              log))
+                                              log), kwargs={"limits": dynamo_limits()})
                        for r in range(world_size)]
             for t in threads:
                 t.start()
