@@ -49,23 +49,8 @@ def _import_deepspeed():
 
 def _install_comm_backend():
     """Point deepspeed.comm at the already-initialised torch.distributed world (no shm op build)."""
-    ds_comm = _import_deepspeed()
-    from deepspeed.comm.backend import Backend
-    from deepspeed.comm.torch import TorchBackend, has_all_reduce_coalesced, has_coalescing_manager
-    with _LOCK:
-        if isinstance(ds_comm.cdb, TorchBackend):
-            return
-        backend = TorchBackend.__new__(TorchBackend)
-        Backend.__init__(backend, name="torch")  # what TorchBackend.__init__ does, minus the shm op
-        backend.shm_comm_op = None
-        backend.has_all_reduce_coalesced = has_all_reduce_coalesced()
-        backend.has_coalescing_manager = has_coalescing_manager()
-        backend.all_gather_function = TorchBackend.get_all_gather_function()
-        backend.reduce_scatter_function = TorchBackend.get_reduce_scatter_function()
-        backend.single_gpu_mode = True
-        backend.using_mpi = False
-        backend.initialized = True
-        ds_comm.cdb = backend
+    from autosp.deepspeed import _install_comm_backend as install
+    install()
 
 
 def _reset_registry_in_process(group):
