@@ -68,13 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from autosp_verify.core import lifted_recompile_limit
 from autosp_verify.outputs import split_output
 from autosp_verify.probes import Probe, register
 
 NAME = "accounting"
 # Inner backend -> the single-device backend that saves the same set of tensors.
 BASELINE_BACKEND = {"eager": "eager", "aot_eager": "aot_eager", "inductor": "aot_eager_decomp_partition"}
-_NO_RECOMPILE_LIMIT = {"recompile_limit": 100_000, "accumulated_recompile_limit": 100_000}
 
 
 # --- saved tensors --------------------------------------------------------------------------------
@@ -124,16 +124,11 @@ def saved_activations(loss, exclude: set = frozenset()) -> tuple[list, bool]:
 def _mark_sequence(batch: dict, seq_len: int) -> dict:
     """New aliases of the batch with the sequence dim (dim 1 of size seq_len) dynamic, as autosp
     marks it, and every other dim static."""
-    marked = {}
-    for key, t in batch.items():
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == seq_len:
-            t = t.view(t.shape)
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-            for d in range(t.dim()):
-                if d != 1:
-                    torch._dynamo.mark_static(t, d)
-        marked[key] = t
-    return marked
+    from autosp import prepare_inputs
+    if seq_len < 2:
+        return batch  # a length-1 dim is never symbolic (prepare_inputs refuses it)
+    return {key: prepare_inputs(t)[0] if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == seq_len
+            else t for key, t in batch.items()}
 
 
 def baseline_saved(base, batch: dict, seq_len: int, seed: int, backend: str | None) -> list:
@@ -145,7 +140,7 @@ def baseline_saved(base, batch: dict, seq_len: int, seed: int, backend: str | No
         if backend is None:
             loss, _ = split_output(model(**batch))
         else:
-            with torch._dynamo.config.patch(**_NO_RECOMPILE_LIMIT):
+            with lifted_recompile_limit():
                 compiled = torch.compile(model, backend=backend, fullgraph=True)
                 loss, _ = split_output(compiled(**_mark_sequence(batch, seq_len)))
     return saved_activations(loss, exclude)[0]
@@ -396,18 +391,9 @@ def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory
     return result
 
 
-def account_case(spec, sim, ref, ranks, base, batch, inputs_fn, timeout, payload, *, memory=False,
-                 compile_time=False) -> dict:
-    """:func:`account` (and :func:`compile_times`) for run_case: ``payload(sim, spec, base, batch,
-    folder)`` makes what the simulator hands its ranks. Never raises: a failure is reported."""
-    import tempfile
-
-    from autosp_verify.core import rank_fn
-
-    def rerun(spec2, batch2):
-        with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder, \
-                torch._dynamo.config.patch(**_NO_RECOMPILE_LIMIT):
-            return sim.run(spec2.world_size, rank_fn, payload(sim, spec2, base, batch2, folder), timeout)
+def account_case(spec, ref, ranks, base, batch, inputs_fn, rerun, *, memory=False, compile_time=False) -> dict:
+    """:func:`account` (and :func:`compile_times`) for run_case; ``rerun(spec2, batch2)`` runs the
+    ranks again on another batch. Never raises: a failure is reported."""
     try:
         result = account(spec, ref, ranks, base, batch, inputs_fn=inputs_fn, rerun=rerun, memory=memory)
         if compile_time:
@@ -437,7 +423,7 @@ def compile_times(spec, base, batch) -> dict | None:
     import torch._inductor.config
 
     import autosp
-    with torch._dynamo.config.patch(**_NO_RECOMPILE_LIMIT), torch._inductor.config.patch(fx_graph_cache=False), \
+    with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         model = copy.deepcopy(base)
         start, cpu = time.perf_counter(), time.process_time()

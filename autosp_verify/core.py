@@ -50,6 +50,12 @@ class Reference:
     probes: dict = field(default_factory=dict)  # probe name -> what it collected
 
 
+def lifted_recompile_limit():
+    """One process verifies many models through the same forward code; under fullgraph Dynamo's
+    recompile limit would fail them (never silently), so a run lifts it meanwhile."""
+    return torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000)
+
+
 def describe_model(model) -> str:
     return model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
 

@@ -13,7 +13,8 @@ import tempfile
 import torch
 
 from autosp_verify.compare import check_structure, compare, structural_collectives, tolerance_for
-from autosp_verify.core import DTYPES, CaseSpec, LoadedCase, build_case, model_functions, rank_fn, reference
+from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, lifted_recompile_limit, model_functions,
+                                rank_fn, reference)
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
 from autosp_verify.simulators import SimulationError, SimulatorUnavailable, get_simulator
@@ -46,16 +47,21 @@ def _payload(sim, spec, base, batch, folder):
     return dataclasses.replace(spec, weights_path=path)
 
 
+def simulate(sim, spec, base, batch, timeout) -> list:
+    """The ranks' results for this case on ``sim`` (raises what the simulator raises)."""
+    with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder, lifted_recompile_limit():
+        return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, folder), timeout)
+
+
 def _diagnose(spec, sim, base, batch, tol, timeout):
     """Run a failing case again, recording every intermediate value (divergence.py), and find
     the first one that differs. Never raises: a diagnosis that cannot run says why."""
     from autosp_verify.divergence import locate
     spec = dataclasses.replace(spec, probes=("record",))  # alone: other probes must not watch a compiled reference
     try:
-        with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
+        with lifted_recompile_limit():  # the reference is compiled too (op level)
             ref = reference(base, batch, spec)
-            with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder:
-                ranks = sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, folder), timeout)
+        ranks = simulate(sim, spec, base, batch, timeout)
         first, trace = locate(ref.probes["record"], [r["probes"]["record"] for r in ranks], tol, spec.seq_len)
     except Exception as exc:
         text = f"could not record intermediate values ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
@@ -89,24 +95,22 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
     ref = reference(base, batch, spec)
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
-    with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder:
-        payload = _payload(sim, spec, base, batch, folder)
-        try:
-            # One process verifies many models through the same forward code; under fullgraph
-            # Dynamo's recompile limit would fail them (never silently), so lift it meanwhile.
-            with torch._dynamo.config.patch(recompile_limit=100_000, accumulated_recompile_limit=100_000):
-                ranks = sim.run(spec.world_size, rank_fn, payload, timeout)
-        except SimulationError as exc:
-            result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
-            result.error = exc.failure.message
-            return result
-        except SimulatorUnavailable as exc:
-            result.status, result.error = "skipped", str(exc)
-            return result
+    try:
+        ranks = simulate(sim, spec, base, batch, timeout)
+    except SimulationError as exc:
+        result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
+        result.error = exc.failure.message
+        return result
+    except SimulatorUnavailable as exc:
+        result.status, result.error = "skipped", str(exc)
+        return result
     if accounting:
         from autosp_verify.accounting import account_case
-        result.accounting = account_case(spec, sim, ref, ranks, base, batch, inputs_fn or file_inputs_fn, timeout,
-                                         _payload, memory=memory, compile_time=compile_time)
+
+        def rerun(spec2, batch2):
+            return simulate(sim, spec2, base, batch2, timeout)
+        result.accounting = account_case(spec, ref, ranks, base, batch, inputs_fn or file_inputs_fn, rerun,
+                                         memory=memory, compile_time=compile_time)
     if sim.structural:
         result.failures = check_structure(ref, ranks)
         result.structural_collectives = structural_collectives(ranks)
