@@ -74,7 +74,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autosp-verify", description="Prove or disprove that a sequence-parallel "
                                 "implementation of a model is exact against the model on one device.")
     p.add_argument("model", help="model file: a .py defining model_fn() and inputs_fn(batch, seq_len, generator)")
-    p.add_argument("--impl", default="autosp", help="autosp (default), deepspeed, deepspeed-eager, MODULE:CALLABLE "
+    p.add_argument("--impl", default="autosp", help="autosp (default), autosp-wrap, deepspeed, deepspeed-eager, MODULE:CALLABLE "
                    "or path/to/file.py:CALLABLE")
     p.add_argument("--world-size", type=_int_list, default=(2,), help="SP degrees, comma-separated (default 2)")
     p.add_argument("--seq-len", type=_int_list, default=(16,), help="sequence lengths, comma-separated (default 16)")

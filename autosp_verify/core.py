@@ -187,6 +187,7 @@ def rank_fn(ctx, payload):
     for probe in probes:
         impl = probe.wrap_impl(impl)
         probe.before(model, ctx)
+    params = trainable(model)  # named before the impl runs: a wrapper may move modules (new names)
     try:
         step = impl(model, ctx.group)
     except Exception as exc:
@@ -202,7 +203,7 @@ def rank_fn(ctx, payload):
     for probe in probes:
         probe.after_forward(loss, outputs)
     try:
-        grads = _grads(loss, trainable(model))
+        grads = _grads(loss, params)
     except Exception as exc:
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},

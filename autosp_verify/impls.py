@@ -43,7 +43,9 @@ Names
 -----
 ``autosp``: ``autosp.compile(model, group=group, backend="aot_eager")``: the rewrite alone.
 ``autosp-inductor``: the same with Inductor (``autosp.compile``'s default backend).
-``autosp-eager``: the same rewritten graph run eagerly (fast to compile; property tests). ``deepspeed``: DeepSpeed's own AutoSP passes
+``autosp-eager``: the same rewritten graph run eagerly (fast to compile; property tests).
+``autosp-wrap``: ``autosp.multimodal.auto_wrap_model_for_sp`` (module-level, eager; vision-language
+models). ``deepspeed``: DeepSpeed's own AutoSP passes
 and backend (passes + Inductor); ``deepspeed-eager``: the same passes, the rewritten graph run
 eagerly (no Inductor; seconds instead of minutes on CPU). ``MODULE:CALLABLE`` or
 ``path/to/file.py:CALLABLE``: a user's callable.
@@ -101,6 +103,13 @@ _AUTOSP_IMPLS = {"autosp": autosp_impl("aot_eager"), "autosp-inductor": autosp_i
                  "autosp-eager": autosp_impl("eager")}
 
 
+def autosp_wrap_impl(model, group):
+    """``autosp.multimodal.auto_wrap_model_for_sp``: module-level wrapping (vision-language models)."""
+    from autosp.multimodal import auto_wrap_model_for_sp
+    wrapped = auto_wrap_model_for_sp(model, group)
+    return lambda **batch: wrapped(**batch)
+
+
 def _check_autosp():
     try:
         import autosp
@@ -155,13 +164,16 @@ def resolve_impl(spec) -> Callable:
     if spec in _AUTOSP_IMPLS:
         _check_autosp()
         return _AUTOSP_IMPLS[spec]
+    if spec == "autosp-wrap":
+        _check_autosp()
+        return autosp_wrap_impl
     if spec in ("deepspeed", "deepspeed-eager"):
         _check_deepspeed()
         from autosp_verify import deepspeed_impl
         return deepspeed_impl.deepspeed_impl if spec == "deepspeed" else deepspeed_impl.deepspeed_eager_impl
     if isinstance(spec, str) and ":" in spec:
         return _load_callable(spec)
-    raise ImplUnavailable(f"unknown impl {spec!r}: use autosp, deepspeed, deepspeed-eager, MODULE:CALLABLE "
+    raise ImplUnavailable(f"unknown impl {spec!r}: use autosp, autosp-wrap, deepspeed, deepspeed-eager, MODULE:CALLABLE "
                           "or path/to/file.py:CALLABLE")
 
 

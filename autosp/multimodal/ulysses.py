@@ -1,0 +1,178 @@
+"""Ulysses attention for eager modules: every ``scaled_dot_product_attention`` call made inside a
+sharded block runs on the full sequence with this rank's share of the heads.
+
+q, k and v arrive as this rank's sequence chunk ``[B, H, local_len, D]``; an all-to-all (autosp's
+``seq_to_head``, with autograd) makes them ``[B, ceil(H/P), padded_len, D]``; attention runs there;
+``head_to_seq`` brings the output back. Head counts P does not divide are padded with zero heads;
+grouped kv heads that do not split evenly are repeated to the query heads first. Sequence padding
+(the last positions of ``padded_len``) is masked as keys; padded query rows attend to everything so
+they stay finite, and are dropped when the block's output is gathered.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from autosp import collectives
+from autosp.errors import AutoSPError
+from autosp.multimodal.ops import SeqLayout, group_key, pad_to
+
+_STATE = threading.local()
+
+
+@dataclass
+class BlockContext:
+    """What the attention inside one running block needs to know."""
+    name: str
+    layout: SeqLayout
+    group: dist.ProcessGroup
+    causal_hint: bool = False             # the block's attention module says it is causal
+    extra_mask: torch.Tensor | None = None  # [S, S] bool, from a block adapter (e.g. image boundaries)
+    sdpa_calls: int = field(default=0)
+
+
+def current() -> BlockContext | None:
+    stack = getattr(_STATE, "stack", None)
+    return stack[-1] if stack else None
+
+
+class UlyssesMode(TorchFunctionMode):
+    """Active while a sharded block runs: reroutes SDPA through :func:`ulysses_sdpa`."""
+
+    def __init__(self, context: BlockContext):
+        super().__init__()
+        self.context = context
+
+    def __enter__(self):
+        if not hasattr(_STATE, "stack"):
+            _STATE.stack = []
+        _STATE.stack.append(self.context)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _STATE.stack.pop()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.context.sdpa_calls += 1
+            return ulysses_sdpa(self.context, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _key_padding_mask(layout: SeqLayout, device) -> torch.Tensor:
+    """[S_pad, S_pad] bool: real keys for real queries; padded query rows see every key."""
+    idx = torch.arange(layout.padded_len, device=device)
+    return (idx[None, :] < layout.length) | (idx[:, None] >= layout.length)
+
+
+def _full_mask(mask: torch.Tensor, layout: SeqLayout, heads_per_rank: int, num_heads: int) -> torch.Tensor:
+    """A mask given for the full sequence, padded to ``padded_len`` and cut to this rank's heads."""
+    if mask.shape[-1] != layout.length or (mask.dim() >= 2 and mask.shape[-2] not in (1, layout.length)):
+        raise AutoSPError(
+            f"attention mask of shape {tuple(mask.shape)} inside a sharded block: expected one for the full "
+            f"sequence (last dims [{layout.length}, {layout.length}]); a mask built inside the layer from "
+            "the local length cannot be used")
+    if mask.dtype == torch.bool:
+        padded = pad_to(pad_to(mask, -1, layout.padded_len, False), -2, layout.padded_len, True) \
+            if mask.shape[-2] != 1 else pad_to(mask, -1, layout.padded_len, False)
+    else:
+        padded = pad_to(mask, -1, layout.padded_len, float("-inf"))
+        if mask.shape[-2] != 1:
+            padded = pad_to(padded, -2, layout.padded_len, 0.0)
+    if padded.dim() == 4 and padded.shape[1] == num_heads and num_heads > 1:
+        rank = layout.rank
+        padded = pad_to(padded, 1, heads_per_rank * layout.world_size)
+        padded = padded.narrow(1, rank * heads_per_rank, heads_per_rank)
+    return padded
+
+
+def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 scale=None, enable_gqa=False):
+    layout, world = ctx.layout, ctx.layout.world_size
+    if query.dim() != 4 or query.shape[2] != layout.local_len:
+        raise AutoSPError(
+            f"{ctx.name}: scaled_dot_product_attention got query {tuple(query.shape)}; expected "
+            f"[batch, heads, {layout.local_len}, head_dim] (this rank's {layout.local_len} of {layout.length} "
+            "positions): the block computes attention over something other than its hidden states")
+    if dropout_p:
+        warnings.warn(f"{ctx.name}: attention dropout {dropout_p} under sequence parallelism draws other "
+                      "random numbers than one device; results are not comparable", stacklevel=3)
+    num_heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != num_heads:
+        if num_heads % world or kv_heads % world:
+            # grouped kv heads must land on the rank of their query heads: repeat them to match
+            key = key.repeat_interleave(num_heads // kv_heads, dim=1)
+            value = value.repeat_interleave(num_heads // kv_heads, dim=1)
+        else:
+            enable_gqa = True
+    if (ctx.causal_hint and attn_mask is None and not is_causal and layout.local_len == 1
+            and layout.length > 1):
+        is_causal = True  # HF decides "causal" from the query length, which is the local one here
+    gkey = group_key(ctx.group)
+    q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world) for t in (query, key, value))
+    heads_per_rank = q.shape[1]
+    mask = None if attn_mask is None else _full_mask(attn_mask, layout, heads_per_rank, num_heads)
+    if ctx.extra_mask is not None:
+        extra = pad_to(pad_to(ctx.extra_mask, -1, layout.padded_len, False), -2, layout.padded_len, True)
+        mask = extra if mask is None else _combine(mask, extra)
+    if layout.padded_len != layout.length:
+        pad_mask = _key_padding_mask(layout, q.device)
+        if is_causal:
+            pad_mask = pad_mask & torch.ones_like(pad_mask).tril()
+            is_causal = False
+        mask = pad_mask if mask is None else _combine(mask, pad_mask)
+    elif is_causal and mask is not None:
+        mask = _combine(mask, torch.ones(layout.length, layout.length, dtype=torch.bool, device=q.device).tril())
+        is_causal = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+    return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
+
+
+def _combine(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``mask`` further restricted to the positions ``allowed`` (bool) permits."""
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+class UlyssesSPViTAttention(nn.Module):
+    """A ViT (or any) attention module made sequence parallel, for manual use.
+
+    ``attn`` maps hidden states ``[B, S, D]`` to ``[B, S, D]`` (or a tuple whose first item is that)
+    and computes attention with ``F.scaled_dot_product_attention``. The wrapper's input is this
+    rank's contiguous chunk of the sequence, every rank the same length (shard with
+    ``autosp.multimodal.shard_sequence``, which pads the end); pass ``length`` when the chunks are
+    padded. A class token and register tokens are ordinary positions of the sequence: they need
+    nothing special, and ``has_cls_token`` is accepted only for DeepSpeed compatibility.
+    :func:`auto_wrap_model_for_sp` does not need this class: it shards whole layers in place.
+    """
+
+    def __init__(self, attn: nn.Module, process_group, has_cls_token: bool = True, causal: bool = False):
+        super().__init__()
+        self.attn, self.process_group, self.has_cls_token = attn, process_group, has_cls_token
+        self.causal = causal
+
+    def forward(self, hidden_states, *args, length: int | None = None, **kwargs):
+        world = dist.get_world_size(self.process_group)
+        length = length if length is not None else hidden_states.shape[1] * world
+        layout = SeqLayout.of(length, self.process_group)
+        if hidden_states.shape[1] != layout.local_len:
+            raise AutoSPError(f"UlyssesSPViTAttention: rank {layout.rank} holds {hidden_states.shape[1]} positions; "
+                              f"a sequence of {length} over {world} ranks needs {layout.local_len} each")
+        context = BlockContext(type(self.attn).__name__, layout, self.process_group, causal_hint=self.causal)
+        with UlyssesMode(context):
+            out = self.attn(hidden_states, *args, **kwargs)
+        if context.sdpa_calls == 0:
+            raise AutoSPError(f"{type(self.attn).__name__} did not call scaled_dot_product_attention; "
+                              "use an SDPA attention implementation (HF: attn_implementation='sdpa')")
+        return out

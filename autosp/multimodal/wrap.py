@@ -1,0 +1,209 @@
+"""``auto_wrap_model_for_sp``: shard every attention layer of a model along the sequence, in place.
+
+The unit is the *block* (the transformer layer holding a detected attention module). A block's
+forward pre-hook takes this rank's chunk of its hidden states and of every per-position tensor it
+is given (rotary cos/sin, position ids; masks stay whole: attention sees the full sequence); the
+attention inside runs Ulysses (``ulysses.py``); the forward hook gathers the block's output back
+to the full sequence. Everything outside the blocks (patch and token embeddings, class token,
+position tables, masks, feature selection, projector, splicing visual tokens into the text,
+pooling, heads, the loss) runs unchanged on the full sequence on every rank, so it is exact by
+construction. When the next block receives exactly the tensor the previous one gathered, it reuses
+the chunk it came from: the gathered copy only lives while something else reads it.
+
+The model's outputs are the same on every rank; their gradient counts once (rank 0), so a loss
+computed from them by the model or by the caller gives the single-device gradients when the SP
+group's gradients are summed (the DeepSpeed/verifier convention).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from autosp.errors import AutoSPError
+from autosp.multimodal import ops
+from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model_sp_info
+from autosp.multimodal.ulysses import BlockContext, UlyssesMode
+
+BLOCK_ADAPTERS = {}  # block class name -> fn(block, kwargs, layout) -> extra [S, S] bool mask or None
+
+
+def register_block_adapter(class_name: str):
+    """Decorator: ``fn(kwargs, layout)`` rewrites a block's kwargs in place before it runs sharded
+    and returns an extra attention mask for the full sequence ([S, S] bool, True = may attend)."""
+    def register(fn):
+        BLOCK_ADAPTERS[class_name] = fn
+        return fn
+    return register
+
+
+@register_block_adapter("Qwen2VLVisionBlock")
+def _qwen2_vl_vision(kwargs, layout):
+    # Its attention splits q/k/v by the images' lengths (cu_seqlens) along the sequence; here the
+    # chunk is one piece and the images' boundaries become a block-diagonal mask.
+    cu = kwargs.get("cu_seqlens")
+    if cu is None:
+        return None
+    positions = torch.arange(layout.length, device=cu.device)
+    image = torch.bucketize(positions, cu[1:].to(positions.dtype), right=True)
+    kwargs["cu_seqlens"] = torch.tensor([0, layout.local_len], dtype=cu.dtype, device=cu.device)
+    if "max_seqlen" in kwargs:
+        kwargs["max_seqlen"] = layout.local_len
+    return image[:, None] == image[None, :]
+
+
+class _SPState:
+    """Hooks and per-forward bookkeeping of one wrapped model."""
+
+    def __init__(self, group, info: SPModelInfo):
+        self.group, self.info = group, info
+        self.handles: list = []
+        self.chunks: dict = {}   # id(gathered full tensor) -> (weakref to it, its chunk, layout)
+        self.running: list = []  # contexts of the blocks being run (a block's hooks pair up)
+
+
+def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | None:
+    """The dim of a block argument that carries the sequence, or None to pass it whole."""
+    if name is not None and "mask" in name:
+        return None  # masks are for the full sequence: attention runs on it
+    if value.dim() >= 2 and value.shape[-1] == length and value.shape[-2] == length:
+        return None  # [.., S, S]: a mask or bias
+    last = value.dim() - 1 if value.is_floating_point() else value.dim()  # a float's last dim is features
+    for dim in reversed(range(last)):
+        if value.shape[dim] == length:
+            return dim
+    return None
+
+
+def _shard_value(value, name, layout):
+    if isinstance(value, torch.Tensor):
+        dim = _seq_dim_of(value, layout.length, name)
+        return value if dim is None else ops.shard(value, dim, layout)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_shard_value(v, None, layout) for v in value)
+    return value
+
+
+def _hidden_of(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], "arg"
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], "kwarg"
+    raise AutoSPError("a sharded layer was called without hidden states as its first argument or "
+                      "`hidden_states=`")
+
+
+def _block_pre_hook(state: _SPState, name: str, causal: bool):
+    def hook(module, args, kwargs):
+        hidden, where = _hidden_of(args, kwargs)
+        seq_dim = hidden.dim() - 2
+        layout = ops.SeqLayout.of(hidden.shape[seq_dim], state.group)
+        cached = state.chunks.get(id(hidden))
+        if cached is not None and cached[0]() is hidden:
+            chunk = cached[1]  # the previous layer's own chunk: no re-shard
+        else:
+            chunk = ops.shard(hidden, seq_dim, layout)
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or where != "kwarg"}
+        adapter = BLOCK_ADAPTERS.get(type(module).__name__)
+        extra_mask = adapter(kwargs, layout) if adapter else None
+        kwargs = {k: _shard_value(v, k, layout) for k, v in kwargs.items()}
+        rest = tuple(_shard_value(v, None, layout) for v in args[1:]) if where == "arg" else args
+        if where == "arg":
+            args = (chunk, *rest)
+        else:
+            kwargs["hidden_states"] = chunk
+        context = BlockContext(name, layout, state.group, causal_hint=causal, extra_mask=extra_mask)
+        mode = UlyssesMode(context)
+        mode.__enter__()
+        state.running.append((context, mode, seq_dim))
+        return args, kwargs
+    return hook
+
+
+def _block_post_hook(state: _SPState, name: str):
+    def hook(module, args, kwargs, output):
+        context, mode, seq_dim = state.running.pop()
+        mode.__exit__(None, None, None)
+        if output is None:
+            return None  # the block raised; the exception propagates
+        if context.sdpa_calls == 0:
+            raise AutoSPError(f"layer {name!r} ran no scaled_dot_product_attention while sharded: its "
+                              "attention would see only this rank's positions. Use an SDPA attention "
+                              "implementation (HF: attn_implementation='sdpa')")
+        chunk = output[0] if isinstance(output, (tuple, list)) else output
+        full = ops.gather(chunk, seq_dim, context.layout, state.group)
+        state.chunks[id(full)] = (weakref.ref(full), chunk)
+        return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
+    return hook
+
+
+def _count_outputs_once(value, group):
+    if isinstance(value, torch.Tensor):
+        return ops.count_once(value, group) if value.requires_grad else value
+    if isinstance(value, dict):  # HF ModelOutput too: item assignment updates the attribute
+        for key in list(value.keys()):
+            value[key] = _count_outputs_once(value[key], group)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_count_outputs_once(v, group) for v in value)
+    return value
+
+
+def _check_attention_impl(info: SPModelInfo) -> None:
+    for name, module in info.vit_attn_modules + info.llm_attn_modules:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if impl is not None and impl != "sdpa":
+            raise AutoSPError(f"{name} ({type(module).__name__}) uses attn_implementation={impl!r}; AutoSP's "
+                              "module-level wrapping needs 'sdpa' (set it on the config, and on the "
+                              "vision/text sub-configs)")
+
+
+def auto_wrap_model_for_sp(model: nn.Module, process_group=None) -> nn.Module:
+    """Make ``model`` sequence parallel over ``process_group`` (default: the world), in place.
+
+    Every layer holding a detected vision or language attention module gets hooks that shard its
+    hidden states along the sequence and run its attention as Ulysses; parameters, module names
+    and the state dict do not change. Returns ``model``. Raises :class:`AutoSPError` when there is
+    nothing to wrap, when the model is already wrapped, or when an attention module does not use
+    SDPA. Undo with :func:`unwrap_model_for_sp`.
+    """
+    if getattr(model, "_autosp_sp_state", None) is not None:
+        raise AutoSPError(f"{type(model).__name__} is already wrapped for sequence parallelism")
+    group = process_group if process_group is not None else dist.group.WORLD
+    info = detect_model_sp_info(model)
+    if not info.blocks:
+        raise AutoSPError(describe_unknown(model))
+    _check_attention_impl(info)
+    state = _SPState(group, info)
+    for name, (block, side, attention_names) in info.blocks.items():
+        causal = any(getattr(model.get_submodule(a), "is_causal", False) for a in attention_names)
+        state.handles.append(block.register_forward_pre_hook(
+            _block_pre_hook(state, name, causal), with_kwargs=True, prepend=True))
+        state.handles.append(block.register_forward_hook(
+            _block_post_hook(state, name), with_kwargs=True, prepend=True, always_call=True))
+    state.handles.append(model.register_forward_pre_hook(lambda m, a: state.chunks.clear(), prepend=True))
+    state.handles.append(model.register_forward_hook(
+        lambda m, a, out: _count_outputs_once(out, group)))
+    model._autosp_sp_state = state
+    return model
+
+
+def unwrap_model_for_sp(model: nn.Module) -> nn.Module:
+    """Remove what :func:`auto_wrap_model_for_sp` added; the model runs on one device again."""
+    state = getattr(model, "_autosp_sp_state", None)
+    if state is None:
+        raise AutoSPError(f"{type(model).__name__} is not wrapped for sequence parallelism")
+    for handle in state.handles:
+        handle.remove()
+    del model._autosp_sp_state
+    return model
+
+
+def sp_info(model: nn.Module) -> SPModelInfo:
+    """What a wrapped model's wrapping found (blocks, attention modules, projector)."""
+    state = getattr(model, "_autosp_sp_state", None)
+    if state is None:
+        raise AutoSPError(f"{type(model).__name__} is not wrapped for sequence parallelism")
+    return state.info
