@@ -6,7 +6,8 @@ Three figures per case, in ``CaseResult.accounting`` (JSON) and the table's colu
 Collectives (``collectives``)
     Per training step (forward and backward) and per rank, by kind, and the bytes each rank
     sends to the other ranks. Measured only for impls whose step is an ``autosp.compile``
-    callable (the three ``autosp*`` impls, or a user impl returning one): autosp counts every
+    callable (the three ``autosp*`` impls, or a user impl returning one) or marked
+    ``autosp_counted`` (``autosp-wrap``, whose eager ops count the same way): autosp counts every
     collective its ops run, per thread (``autosp.collective_counts``), and its graph runs no
     other. ``measured`` is the rank that sends most (``per_rank``: every rank). Other impls show
     "-": nothing sound and non-global sees their collectives.
@@ -218,7 +219,8 @@ class Accounting(Probe):
         def wrapped(model, group):
             step = impl(model, group)
             api = _autosp_api()
-            is_autosp = api is not None and isinstance(step, api.CompiledSP)
+            is_autosp = (api is not None and isinstance(step, api.CompiledSP)) or \
+                getattr(step, "autosp_counted", False)
 
             def run(*args, **kwargs):
                 probe._inputs(args, kwargs)
@@ -243,7 +245,8 @@ class Accounting(Probe):
             data.update(sdpa=self.sdpa, loss_bytes=self.loss_bytes)
         elif self.autosp_step is not None:
             import autosp
-            backend = self.autosp_step.config.backend
+            config = getattr(self.autosp_step, "config", None)
+            backend = config.backend if config is not None else None
             data.update(collectives=dict(autosp.collective_counts()),
                         backend=backend if isinstance(backend, str) else None)
         return data

@@ -107,7 +107,11 @@ def autosp_wrap_impl(model, group):
     """``autosp.multimodal.auto_wrap_model_for_sp``: module-level wrapping (vision-language models)."""
     from autosp.multimodal import auto_wrap_model_for_sp
     wrapped = auto_wrap_model_for_sp(model, group)
-    return lambda **batch: wrapped(**batch)
+
+    def step(**batch):
+        return wrapped(**batch)
+    step.autosp_counted = True  # its collectives go through autosp's counters (accounting)
+    return step
 
 
 def _check_autosp():

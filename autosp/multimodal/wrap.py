@@ -25,6 +25,7 @@ import torch.nn as nn
 from autosp.errors import AutoSPError
 from autosp.multimodal import ops
 from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model_sp_info
+from autosp.multimodal.fusion import adapter_for
 from autosp.multimodal.ulysses import BlockContext, UlyssesMode
 
 BLOCK_ADAPTERS = {}  # block class name -> fn(block, kwargs, layout) -> extra [S, S] bool mask or None
@@ -62,6 +63,10 @@ class _SPState:
         self.handles: list = []
         self.chunks: dict = {}   # id(gathered full tensor) -> (weakref to it, its chunk, layout)
         self.running: list = []  # contexts of the blocks being run (a block's hooks pair up)
+        self.keep_sharded: set = set()     # layers whose output stays a chunk (a fusion adapter's tail)
+        self.tail_layout = None            # the layout of that chunk, for the adapter
+        self.sharded_outputs: set = set()  # ids of outputs that are chunks or group sums: not counted once
+        self.adapter = None
 
 
 def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | None:
@@ -133,22 +138,35 @@ def _block_post_hook(state: _SPState, name: str):
                               "attention would see only this rank's positions. Use an SDPA attention "
                               "implementation (HF: attn_implementation='sdpa')")
         chunk = output[0] if isinstance(output, (tuple, list)) else output
+        if name in state.keep_sharded:
+            state.tail_layout = context.layout
+            return None
         full = ops.gather(chunk, seq_dim, context.layout, state.group)
         state.chunks[id(full)] = (weakref.ref(full), chunk)
         return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
     return hook
 
 
-def _count_outputs_once(value, group):
+def _count_outputs_once(value, state: _SPState):
     if isinstance(value, torch.Tensor):
-        return ops.count_once(value, group) if value.requires_grad else value
+        if not value.requires_grad or id(value) in state.sharded_outputs:
+            return value
+        return ops.count_once(value, state.group)
     if isinstance(value, dict):  # HF ModelOutput too: item assignment updates the attribute
         for key in list(value.keys()):
-            value[key] = _count_outputs_once(value[key], group)
+            value[key] = _count_outputs_once(value[key], state)
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_count_outputs_once(v, group) for v in value)
+        return type(value)(_count_outputs_once(v, state) for v in value)
     return value
+
+
+def _new_forward(state: _SPState):
+    def hook(module, args):
+        state.chunks.clear()
+        state.sharded_outputs.clear()
+        state.tail_layout = None
+    return hook
 
 
 def _check_attention_impl(info: SPModelInfo) -> None:
@@ -160,7 +178,7 @@ def _check_attention_impl(info: SPModelInfo) -> None:
                               "vision/text sub-configs)")
 
 
-def auto_wrap_model_for_sp(model: nn.Module, process_group=None) -> nn.Module:
+def auto_wrap_model_for_sp(model: nn.Module, process_group=None, fusion: bool = True) -> nn.Module:
     """Make ``model`` sequence parallel over ``process_group`` (default: the world), in place.
 
     Every layer holding a detected vision or language attention module gets hooks that shard its
@@ -168,6 +186,10 @@ def auto_wrap_model_for_sp(model: nn.Module, process_group=None) -> nn.Module:
     and the state dict do not change. Returns ``model``. Raises :class:`AutoSPError` when there is
     nothing to wrap, when the model is already wrapped, or when an attention module does not use
     SDPA. Undo with :func:`unwrap_model_for_sp`.
+
+    ``fusion``: for a vision-language architecture with a fusion adapter (``fusion.py``: HF LLaVA,
+    Qwen2-VL, InternVL), also keep the language tail sharded: ``logits`` come back as this rank's
+    chunk of the sequence and the loss is reduced over the group.
     """
     if getattr(model, "_autosp_sp_state", None) is not None:
         raise AutoSPError(f"{type(model).__name__} is already wrapped for sequence parallelism")
@@ -183,10 +205,12 @@ def auto_wrap_model_for_sp(model: nn.Module, process_group=None) -> nn.Module:
             _block_pre_hook(state, name, causal), with_kwargs=True, prepend=True))
         state.handles.append(block.register_forward_hook(
             _block_post_hook(state, name), with_kwargs=True, prepend=True, always_call=True))
-    state.handles.append(model.register_forward_pre_hook(lambda m, a: state.chunks.clear(), prepend=True))
-    state.handles.append(model.register_forward_hook(
-        lambda m, a, out: _count_outputs_once(out, group)))
+    state.handles.append(model.register_forward_pre_hook(_new_forward(state), prepend=True))
+    state.handles.append(model.register_forward_hook(lambda m, a, out: _count_outputs_once(out, state)))
     model._autosp_sp_state = state
+    adapter = adapter_for(model) if fusion else None
+    if adapter is not None:
+        adapter(model, group)
     return model
 
 
