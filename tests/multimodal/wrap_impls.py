@@ -1,0 +1,75 @@
+"""Negative controls for autosp-wrap (each a bug planted in autosp.multimodal for the duration of a
+test, with pytest's monkeypatch; the threaded simulator runs the ranks in this process), and
+``UlyssesSPViTAttention`` used by hand (shard, wrapped attention, gather)."""
+import torch.nn.functional as F
+
+from autosp import collectives
+from autosp.multimodal import UlyssesSPViTAttention, fusion, ops, ulysses, wrap
+from autosp.multimodal.fusion import IGNORE_INDEX
+
+
+def local_attention(monkeypatch):
+    """Attention over this rank's chunk only (the all-to-alls left out)."""
+    def sdpa(ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal or ctx.causal_hint, scale=scale)
+    monkeypatch.setattr(ulysses, "ulysses_sdpa", sdpa)
+
+
+def every_rank_counts(monkeypatch):
+    """Replicated outputs' gradients kept on every rank (so summed P times)."""
+    monkeypatch.setattr(ops, "count_once", lambda x, group: x)
+
+
+class _OwnGradOnly(ops._Gather):
+    @staticmethod
+    def backward(ctx, grad):
+        layout = ctx.layout
+        own = ops.pad_to(grad, ctx.dim, layout.padded_len).narrow(ctx.dim, layout.rank * layout.local_len,
+                                                                   layout.local_len)
+        return own, None, None, None
+
+
+def gather_without_reduce(monkeypatch):
+    """The gather's backward keeps this rank's own gradient, without the other ranks' parts."""
+    monkeypatch.setattr(ops, "gather", lambda x, dim, layout, group: _OwnGradOnly.apply(x, dim, layout, group))
+
+
+def no_image_boundaries(monkeypatch):
+    """Qwen2-VL's vision layers run as one sequence: attention crosses from one image to the next."""
+    def adapter(kwargs, layout):
+        wrap._qwen2_vl_vision(kwargs, layout)
+        return None
+    monkeypatch.setitem(wrap.BLOCK_ADAPTERS, "Qwen2VLVisionBlock", adapter)
+
+
+def padding_reaches_loss(monkeypatch):
+    """The fusion adapter labels the padding positions with a real token id (0)."""
+    def sharded_loss(self, model, logits, labels, layout):
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        local = ops.pad_to(shifted, 1, layout.padded_len, 0).narrow(1, layout.rank * layout.local_len,
+                                                                    layout.local_len)
+        part = model.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
+                                   shift_labels=local.contiguous(),
+                                   num_items_in_batch=(shifted != IGNORE_INDEX).sum())
+        return collectives.group_sum(part, ops.group_key(self.state.group))
+    monkeypatch.setattr(fusion.ModalityFusionSPAdapter, "sharded_loss", sharded_loss)
+
+
+BUGS = {f.__name__: f for f in (local_attention, every_rank_counts, gather_without_reduce, no_image_boundaries,
+                                 padding_reaches_loss)}
+
+
+def manual_vit_attention(model, group):
+    """For one_attention_model.py: shard after the embedding (class token included),
+    UlyssesSPViTAttention around the attention, gather before the head."""
+    attn = UlyssesSPViTAttention(model.attn, group, has_cls_token=True)
+
+    def step(x, labels):
+        full = model.embed(x)
+        layout = ops.SeqLayout.of(full.shape[1], group)
+        chunk = attn(ops.shard(full, 1, layout), length=layout.length)
+        hidden = ops.gather(chunk, 1, layout, group)
+        return {"loss": ops.count_once(model.loss(hidden, labels), group)}
+    return step
