@@ -35,6 +35,8 @@ class BlockContext:
     group: dist.ProcessGroup
     causal_hint: bool = False             # the block's attention module says it is causal
     extra_mask: torch.Tensor | None = None  # [S, S] bool, from a block adapter (e.g. image boundaries)
+    seq_dim: int | None = None             # the sequence dim of the block's hidden states
+    hidden_ndim: int | None = None
     sdpa_calls: int = field(default=0)
 
 
@@ -65,7 +67,38 @@ class UlyssesMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.context.sdpa_calls += 1
             return ulysses_sdpa(self.context, *args, **kwargs)
+        _refuse_sequence_mixing(self.context, func, args, kwargs)
         return func(*args, **kwargs)
+
+
+# Ops that combine neighbouring positions: on a chunk they would miss the other ranks' positions.
+_MIXING = {torch.roll, torch.cumsum, torch.cumprod, torch.Tensor.roll, torch.Tensor.cumsum, torch.Tensor.cumprod,
+           F.conv1d, F.conv2d, F.conv3d, F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d, F.interpolate,
+           F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+# Reductions: refused when they reduce the sequence dim of a value shaped like the hidden states.
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.logsumexp, torch.softmax,
+               torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax, torch.Tensor.amin, torch.Tensor.max,
+               torch.Tensor.min, torch.Tensor.logsumexp, torch.Tensor.softmax, F.softmax, torch.var, torch.std,
+               torch.Tensor.var, torch.Tensor.std}
+
+
+def _refuse_sequence_mixing(ctx: BlockContext, func, args, kwargs) -> None:
+    if ctx.seq_dim is None or ctx.layout.world_size == 1 or not args or not isinstance(args[0], torch.Tensor):
+        return
+    x, local = args[0], ctx.layout.local_len
+    name = getattr(func, "__name__", str(func))
+    if func in _MIXING and local in x.shape[1:]:
+        raise AutoSPError(f"{ctx.name}: {name} on {tuple(x.shape)} inside a sequence-sharded layer may combine "
+                          f"neighbouring positions, and this rank holds only {local} of {ctx.layout.length}; "
+                          "AutoSP cannot shard this layer exactly")
+    if func in _REDUCTIONS and x.dim() == ctx.hidden_ndim and x.shape[ctx.seq_dim] == local:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], (int, tuple, list)) else None)
+        dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        if dim is None and func not in (torch.softmax, torch.Tensor.softmax, F.softmax) or \
+                any(d % x.dim() == ctx.seq_dim for d in dims):
+            raise AutoSPError(f"{ctx.name}: {name} over the sequence dim {ctx.seq_dim} of {tuple(x.shape)} "
+                              f"inside a sequence-sharded layer would see {local} of {ctx.layout.length} "
+                              "positions; AutoSP cannot shard this layer exactly")
 
 
 def _key_padding_mask(layout: SeqLayout, device) -> torch.Tensor:

@@ -119,7 +119,8 @@ def _block_pre_hook(state: _SPState, name: str, causal: bool):
             args = (chunk, *rest)
         else:
             kwargs["hidden_states"] = chunk
-        context = BlockContext(name, layout, state.group, causal_hint=causal, extra_mask=extra_mask)
+        context = BlockContext(name, layout, state.group, causal_hint=causal, extra_mask=extra_mask,
+                               seq_dim=seq_dim, hidden_ndim=hidden.dim())
         mode = UlyssesMode(context)
         mode.__enter__()
         state.running.append((context, mode, seq_dim))

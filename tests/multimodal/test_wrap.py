@@ -144,3 +144,44 @@ def test_wrap_twice_refused_and_unwrap_restores_one_device(monkeypatch):
     unwrap_model_for_sp(model)
     assert torch.equal(model(pixels).last_hidden_state, expected)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+class MixingLayer(nn.Module):
+    """A layer that, besides attention, mixes positions (token pooling, or a depthwise conv)."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.attn, self.mix = nn.Linear(8, 24), mix
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.attn(x).view(b, s, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 8)
+        if self.mix == "pool":
+            return x + x.mean(dim=1, keepdim=True)
+        return x + torch.nn.functional.conv1d(x.transpose(1, 2), torch.ones(8, 1, 3, dtype=x.dtype),
+                                              padding=1, groups=8).transpose(1, 2)
+
+
+class MixingAttention(nn.Linear):
+    autosp_attention = "vision"
+
+
+class MixingModel(nn.Module):
+    def __init__(self, mix):
+        super().__init__()
+        self.layers = nn.ModuleList([MixingLayer(mix)])
+        self.layers[0].attn.__class__ = MixingAttention
+
+    def forward(self, x):
+        return {"loss": self.layers[0](x).square().mean()}
+
+
+@pytest.mark.parametrize("mix,op", [("pool", "mean over the sequence dim 1"), ("conv", "conv1d")])
+def test_sequence_mixing_inside_a_layer_is_refused(mix, op):
+    from autosp_verify.run import verify
+
+    result = verify(lambda: MixingModel(mix), lambda batch, seq_len, g: {"x": torch.randn(batch, seq_len, 8, generator=g)},
+                    impl="autosp-wrap", world_size=2, seq_len=8)
+    assert result.status == "unsupported", (result.status, result.error)
+    assert op in result.error and "layers.0" in result.error
