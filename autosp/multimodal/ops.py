@@ -27,16 +27,17 @@ from torch import Tensor
 from autosp import collectives
 
 _KEYS = itertools.count()
+_KEY_OF: dict = {}  # id(group) -> (group, key); holding the group keeps its id from being reused
 
 
 def group_key(group: dist.ProcessGroup) -> str:
-    """The key under which autosp's collective ops find ``group`` (registered once per group)."""
-    key = getattr(group, "_autosp_multimodal_key", None)
-    if key is None:
-        key = f"multimodal.{next(_KEYS)}"
-        group._autosp_multimodal_key = key
-        collectives.register_group(key, group)
-    return key
+    """The key under which autosp's collective ops find ``group`` (registered once per group; C++
+    process groups take no Python attributes, hence the table)."""
+    entry = _KEY_OF.get(id(group))
+    if entry is None or entry[0] is not group:
+        entry = _KEY_OF[id(group)] = (group, f"multimodal.{next(_KEYS)}")
+        collectives.register_group(entry[1], group)
+    return entry[1]
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,11 @@ class _SPState:
         self.sharded_outputs: set = set()  # ids of outputs that are chunks or group sums: not counted once
         self.adapter = None
 
+    def __deepcopy__(self, memo):
+        # the copy's hooks would still be this state's closures, talking to this model's layers
+        raise AutoSPError("a model wrapped by auto_wrap_model_for_sp cannot be deep-copied: unwrap it "
+                          "(unwrap_model_for_sp), copy, and wrap each copy")
+
 
 def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | None:
     """The dim of a block argument that carries the sequence, or None to pass it whole."""
