@@ -185,3 +185,10 @@ def test_sequence_mixing_inside_a_layer_is_refused(mix, op):
                     impl="autosp-wrap", world_size=2, seq_len=8)
     assert result.status == "unsupported", (result.status, result.error)
     assert op in result.error and "layers.0" in result.error
+
+
+@pytest.mark.multiproc
+def test_real_gloo_processes():
+    """Real C++ process groups (the threaded group is a Python object: more forgiving)."""
+    result = verify_file(fixture("hf_llava"), impl="autosp-wrap", world_size=2, seq_len=19, simulator="gloo")
+    assert result.status == "pass", (result.error, result.failures)
