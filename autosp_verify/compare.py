@@ -194,7 +194,10 @@ class Comparison:
 
     @property
     def worst_grad(self) -> TensorCheck | None:
-        return max(self.grads, key=lambda c: math.inf if math.isnan(c.rel_err) else c.rel_err, default=None)
+        """The gradient nearest to (or furthest past) its allowed error: ranked by the tolerance ratio,
+        not the relative error, which is meaningless for a gradient that is zero on one device (e.g.
+        a key bias: softmax ignores it) and passes on the absolute tolerance."""
+        return max(self.grads, key=lambda c: c.score, default=None)
 
     def failures(self) -> list:
         """The failing checks, worst first."""
