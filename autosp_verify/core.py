@@ -187,7 +187,7 @@ def rank_fn(ctx, payload):
     for probe in probes:
         impl = probe.wrap_impl(impl)
         probe.before(model, ctx)
-    params = trainable(model)  # named before the impl runs: a wrapper may move modules (new names)
+    names = {id(p): n for n, p in trainable(model)}  # before the impl: a wrapper may move modules
     try:
         step = impl(model, ctx.group)
     except Exception as exc:
@@ -203,7 +203,7 @@ def rank_fn(ctx, payload):
     for probe in probes:
         probe.after_forward(loss, outputs)
     try:
-        grads = _grads(loss, params)
+        grads = _grads(loss, [(names.get(id(p), n), p) for n, p in trainable(model)])
     except Exception as exc:
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
