@@ -53,7 +53,6 @@ class ModalityFusionSPAdapter:
         state.keep_sharded.add(self.last_block)
         state.handles.append(model.register_forward_pre_hook(self._take_labels, with_kwargs=True, prepend=True))
         state.handles.append(model.register_forward_hook(self._loss, prepend=True))
-        state.adapter = self
 
     def _take_labels(self, model, args, kwargs):
         self.labels = kwargs.pop("labels", None)
@@ -82,13 +81,12 @@ class ModalityFusionSPAdapter:
             raise AutoSPError(f"{type(self).__name__}: labels {tuple(labels.shape)} do not match the fused "
                               f"sequence of {layout.length} positions")
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        local = ops.pad_to(shifted, 1, layout.padded_len, IGNORE_INDEX).narrow(
-            1, layout.rank * layout.local_len, layout.local_len)
+        local = ops.shard(shifted, 1, layout, IGNORE_INDEX)
         count = (shifted != IGNORE_INDEX).sum()
         loss_function = getattr(model, "loss_function", None)
         if loss_function is not None:
             part = loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
-                                 shift_labels=local.contiguous(), num_items_in_batch=count)
+                                 shift_labels=local, num_items_in_batch=count)
         else:
             part = F.cross_entropy(logits.flatten(0, 1), local.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum") / count

@@ -75,9 +75,9 @@ def pad_to(x: Tensor, dim: int, size: int, value: float = 0.0) -> Tensor:
 
 class _Shard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, layout):
+    def forward(ctx, x, dim, layout, pad_value):
         ctx.dim, ctx.layout = dim, layout
-        padded = pad_to(x, dim, layout.padded_len)
+        padded = pad_to(x, dim, layout.padded_len, pad_value)
         return padded.narrow(dim, layout.rank * layout.local_len, layout.local_len).clone()
 
     @staticmethod
@@ -87,21 +87,12 @@ class _Shard(torch.autograd.Function):
         shape[dim] = layout.padded_len
         full = grad.new_zeros(shape)
         full.narrow(dim, layout.rank * layout.local_len, layout.local_len).copy_(grad)
-        return full.narrow(dim, 0, layout.length), None, None
+        return full.narrow(dim, 0, layout.length), None, None, None
 
 
-def shard(x: Tensor, dim: int, layout: SeqLayout) -> Tensor:
-    """This rank's chunk of the replicated ``x`` along ``dim`` (zero padding past the length)."""
-    if not x.is_floating_point():
-        return pad_to(x, dim, layout.padded_len).narrow(dim, layout.rank * layout.local_len,
-                                                        layout.local_len).clone()
-    return _Shard.apply(x, dim, layout)
-
-
-def _count(kind: str, t: Tensor) -> None:
-    counts = collectives.collective_counts()
-    counts[kind] += 1
-    counts[kind + "_bytes"] += t.numel() * t.element_size()
+def shard(x: Tensor, dim: int, layout: SeqLayout, pad_value: float = 0) -> Tensor:
+    """This rank's chunk of the replicated ``x`` along ``dim`` (``pad_value`` past the length)."""
+    return _Shard.apply(x, dim, layout, pad_value)
 
 
 class _Gather(torch.autograd.Function):
@@ -110,7 +101,7 @@ class _Gather(torch.autograd.Function):
         ctx.dim, ctx.layout, ctx.group = dim, layout, group
         chunk = x.contiguous()
         parts = [torch.empty_like(chunk) for _ in range(layout.world_size)]
-        _count("all_gather", chunk)
+        collectives._count("all_gather", chunk)
         dist.all_gather(parts, chunk, group=group)
         return torch.cat(parts, dim).narrow(dim, 0, layout.length)
 
@@ -121,7 +112,7 @@ class _Gather(torch.autograd.Function):
         chunks = padded.movedim(dim, 0).reshape(layout.world_size, layout.local_len, *padded.movedim(dim, 0).shape[1:])
         chunks = chunks.contiguous()
         received = torch.empty_like(chunks)
-        _count("reduce_scatter", chunks)
+        collectives._count("reduce_scatter", chunks)
         dist.all_to_all_single(received, chunks, group=ctx.group)
         return received.sum(0).movedim(0, dim), None, None, None
 

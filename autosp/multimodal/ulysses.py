@@ -10,7 +10,6 @@ they stay finite, and are dropped when the block's output is gathered.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,8 +22,6 @@ from torch.overrides import TorchFunctionMode
 from autosp import collectives
 from autosp.errors import AutoSPError
 from autosp.multimodal.ops import SeqLayout, group_key, pad_to
-
-_STATE = threading.local()
 
 
 @dataclass
@@ -40,27 +37,12 @@ class BlockContext:
     sdpa_calls: int = field(default=0)
 
 
-def current() -> BlockContext | None:
-    stack = getattr(_STATE, "stack", None)
-    return stack[-1] if stack else None
-
-
 class UlyssesMode(TorchFunctionMode):
     """Active while a sharded block runs: reroutes SDPA through :func:`ulysses_sdpa`."""
 
     def __init__(self, context: BlockContext):
         super().__init__()
         self.context = context
-
-    def __enter__(self):
-        if not hasattr(_STATE, "stack"):
-            _STATE.stack = []
-        _STATE.stack.append(self.context)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        _STATE.stack.pop()
-        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,18 +96,19 @@ def _full_mask(mask: torch.Tensor, layout: SeqLayout, heads_per_rank: int, num_h
             f"attention mask of shape {tuple(mask.shape)} inside a sharded block: expected one for the full "
             f"sequence (last dims [{layout.length}, {layout.length}]); a mask built inside the layer from "
             "the local length cannot be used")
-    if mask.dtype == torch.bool:
-        padded = pad_to(pad_to(mask, -1, layout.padded_len, False), -2, layout.padded_len, True) \
-            if mask.shape[-2] != 1 else pad_to(mask, -1, layout.padded_len, False)
-    else:
-        padded = pad_to(mask, -1, layout.padded_len, float("-inf"))
-        if mask.shape[-2] != 1:
-            padded = pad_to(padded, -2, layout.padded_len, 0.0)
+    padded = _pad_mask(mask, layout)
     if padded.dim() == 4 and padded.shape[1] == num_heads and num_heads > 1:
-        rank = layout.rank
         padded = pad_to(padded, 1, heads_per_rank * layout.world_size)
-        padded = padded.narrow(1, rank * heads_per_rank, heads_per_rank)
+        padded = padded.narrow(1, layout.rank * heads_per_rank, heads_per_rank)
     return padded
+
+
+def _pad_mask(mask: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+    """A full-sequence mask (bool or additive) padded to ``padded_len``: padded keys masked, padded
+    query rows allowed every key (so they stay finite)."""
+    masked, allowed = (False, True) if mask.dtype == torch.bool else (float("-inf"), 0.0)
+    padded = pad_to(mask, -1, layout.padded_len, masked)
+    return padded if mask.dim() == 1 or mask.shape[-2] == 1 else pad_to(padded, -2, layout.padded_len, allowed)
 
 
 def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -155,7 +138,7 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
     heads_per_rank = q.shape[1]
     mask = None if attn_mask is None else _full_mask(attn_mask, layout, heads_per_rank, num_heads)
     if ctx.extra_mask is not None:
-        extra = pad_to(pad_to(ctx.extra_mask, -1, layout.padded_len, False), -2, layout.padded_len, True)
+        extra = _pad_mask(ctx.extra_mask, layout)
         mask = extra if mask is None else _combine(mask, extra)
     if layout.padded_len != layout.length:
         pad_mask = _key_padding_mask(layout, q.device)
@@ -184,7 +167,7 @@ class UlyssesSPViTAttention(nn.Module):
     ``attn`` maps hidden states ``[B, S, D]`` to ``[B, S, D]`` (or a tuple whose first item is that)
     and computes attention with ``F.scaled_dot_product_attention``. The wrapper's input is this
     rank's contiguous chunk of the sequence, every rank the same length (shard with
-    ``autosp.multimodal.shard_sequence``, which pads the end); pass ``length`` when the chunks are
+    ``autosp.multimodal.ops.shard``, which pads the end); pass ``length`` when the chunks are
     padded. A class token and register tokens are ordinary positions of the sequence: they need
     nothing special, and ``has_cls_token`` is accepted only for DeepSpeed compatibility.
     :func:`auto_wrap_model_for_sp` does not need this class: it shards whole layers in place.

@@ -28,7 +28,7 @@ from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model
 from autosp.multimodal.fusion import adapter_for
 from autosp.multimodal.ulysses import BlockContext, UlyssesMode
 
-BLOCK_ADAPTERS = {}  # block class name -> fn(block, kwargs, layout) -> extra [S, S] bool mask or None
+BLOCK_ADAPTERS = {}  # block class name -> fn(kwargs, layout) -> extra [S, S] bool mask or None
 
 
 def register_block_adapter(class_name: str):
@@ -61,12 +61,11 @@ class _SPState:
     def __init__(self, group, info: SPModelInfo):
         self.group, self.info = group, info
         self.handles: list = []
-        self.chunks: dict = {}   # id(gathered full tensor) -> (weakref to it, its chunk, layout)
+        self.chunks: dict = {}   # id(gathered full tensor) -> (weakref to it, the chunk it came from)
         self.running: list = []  # contexts of the blocks being run (a block's hooks pair up)
         self.keep_sharded: set = set()     # layers whose output stays a chunk (a fusion adapter's tail)
         self.tail_layout = None            # the layout of that chunk, for the adapter
         self.sharded_outputs: set = set()  # ids of outputs that are chunks or group sums: not counted once
-        self.adapter = None
 
     def __deepcopy__(self, memo):
         # the copy's hooks would still be this state's closures, talking to this model's layers
@@ -128,14 +127,14 @@ def _block_pre_hook(state: _SPState, name: str, causal: bool):
                                seq_dim=seq_dim, hidden_ndim=hidden.dim())
         mode = UlyssesMode(context)
         mode.__enter__()
-        state.running.append((context, mode, seq_dim))
+        state.running.append((context, mode))
         return args, kwargs
     return hook
 
 
 def _block_post_hook(state: _SPState, name: str):
     def hook(module, args, kwargs, output):
-        context, mode, seq_dim = state.running.pop()
+        context, mode = state.running.pop()
         mode.__exit__(None, None, None)
         if output is None:
             return None  # the block raised; the exception propagates
@@ -147,7 +146,7 @@ def _block_post_hook(state: _SPState, name: str):
         if name in state.keep_sharded:
             state.tail_layout = context.layout
             return None
-        full = ops.gather(chunk, seq_dim, context.layout, state.group)
+        full = ops.gather(chunk, context.seq_dim, context.layout, state.group)
         state.chunks[id(full)] = (weakref.ref(full), chunk)
         return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
     return hook

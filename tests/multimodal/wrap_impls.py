@@ -48,10 +48,9 @@ def padding_reaches_loss(monkeypatch):
     """The fusion adapter labels the padding positions with a real token id (0)."""
     def sharded_loss(self, model, logits, labels, layout):
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        local = ops.pad_to(shifted, 1, layout.padded_len, 0).narrow(1, layout.rank * layout.local_len,
-                                                                    layout.local_len)
+        local = ops.shard(shifted, 1, layout, 0)  # padding labelled as token 0
         part = model.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
-                                   shift_labels=local.contiguous(),
+                                   shift_labels=local,
                                    num_items_in_batch=(shifted != IGNORE_INDEX).sum())
         return collectives.group_sum(part, ops.group_key(self.state.group))
     monkeypatch.setattr(fusion.ModalityFusionSPAdapter, "sharded_loss", sharded_loss)
