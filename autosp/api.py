@@ -53,6 +53,8 @@ def _loss_of(out):
 class CompiledSP:
     """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
 
+    autosp_counted = True  # every collective it runs goes through autosp's counters (verifier accounting)
+
     def __init__(self, model, config: SPConfig, compile_kwargs):
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)

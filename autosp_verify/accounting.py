@@ -5,9 +5,10 @@ Three figures per case, in ``CaseResult.accounting`` (JSON) and the table's colu
 
 Collectives (``collectives``)
     Per training step (forward and backward) and per rank, by kind, and the bytes each rank
-    sends to the other ranks. Measured only for impls whose step is an ``autosp.compile``
-    callable (the three ``autosp*`` impls, or a user impl returning one) or marked
-    ``autosp_counted`` (``autosp-wrap``, whose eager ops count the same way): autosp counts every
+    sends to the other ranks. Measured only for impls whose step says ``autosp_counted``: an
+    ``autosp.compile`` callable (the ``autosp*`` impls, or a user impl returning one) or
+    ``autosp-wrap``'s step (its eager ops count the same way, adding all-gathers and
+    reduce-scatters): autosp counts every
     collective its ops run, per thread (``autosp.collective_counts``), and its graph runs no
     other. ``measured`` is the rank that sends most (``per_rank``: every rank). Other impls show
     "-": nothing sound and non-global sees their collectives.
@@ -218,9 +219,7 @@ class Accounting(Probe):
 
         def wrapped(model, group):
             step = impl(model, group)
-            api = _autosp_api()
-            is_autosp = (api is not None and isinstance(step, api.CompiledSP)) or \
-                getattr(step, "autosp_counted", False)
+            is_autosp = getattr(step, "autosp_counted", False)
 
             def run(*args, **kwargs):
                 probe._inputs(args, kwargs)
@@ -250,14 +249,6 @@ class Accounting(Probe):
             data.update(collectives=dict(autosp.collective_counts()),
                         backend=backend if isinstance(backend, str) else None)
         return data
-
-
-def _autosp_api():
-    try:
-        from autosp import api
-    except ImportError:
-        return None
-    return api
 
 
 def _autosp_reset():
@@ -308,7 +299,9 @@ def bytes_sent(counts: dict, world_size: int) -> float:
     P = world_size
     a2a = counts.get("all_to_all_bytes", 0) * (P - 1) / P
     ar = counts.get("all_reduce_bytes", 0) * 2 * (P - 1) / P
-    return a2a + ar
+    ag = counts.get("all_gather_bytes", 0) * (P - 1)  # its chunk, to every other rank (autosp-wrap)
+    rs = counts.get("reduce_scatter_bytes", 0) * (P - 1) / P  # done as an all-to-all (autosp-wrap)
+    return a2a + ar + ag + rs
 
 
 # --- per case -------------------------------------------------------------------------------------
