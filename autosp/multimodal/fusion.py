@@ -62,7 +62,6 @@ class ModalityFusionSPAdapter:
         layout = self.state.tail_layout
         if layout is None:
             raise AutoSPError(f"{type(self).__name__}: the language model's last layer {self.last_block!r} did not run")
-        self.state.tail_layout = None
         logits = output["logits"]
         if logits.shape[1] != layout.local_len:
             raise AutoSPError(f"{type(self).__name__}: logits {tuple(logits.shape)} are not this rank's "

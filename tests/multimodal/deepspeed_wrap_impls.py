@@ -3,25 +3,21 @@ impl, unchanged: it replaces every recognised ViT attention module by DeepSpeed'
 ``UlyssesSPViTAttention`` (all-gather, full attention on every rank, slice) in place, and the step
 calls the model on the full batch, exactly as DeepSpeed's usage docstring does after wrapping.
 
-``deepspeed.comm`` is pointed at the simulator's torch.distributed world with
-``autosp.deepspeed._install_comm_backend`` (as autosp_verify/deepspeed_impl.py does), not with
-``deepspeed.init_distributed`` (which JIT-builds a g++ op, ~40 s).
+``deepspeed.comm`` is pointed at the simulator's torch.distributed world the way
+autosp_verify/deepspeed_impl.py does it, not with ``deepspeed.init_distributed`` (which JIT-builds
+a g++ op, ~40 s).
 
 ``deepspeed_auto_wrap_mask_by_keyword`` is the same wrap with one call-convention shim (the
 attention mask, which transformers 5.x passes positionally, handed to DeepSpeed's wrapper by
 keyword), so that DeepSpeed's wrapper runs at all and its numbers can be checked.
 """
-import os
-
-import torch
+from autosp_verify.deepspeed_impl import _import_deepspeed, _install_comm_backend
 
 _WRAPPED_CLASS = "UlyssesSPViTAttention"
 
 
 def _install():
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from autosp.deepspeed import _install_comm_backend
+    _import_deepspeed()  # DS_ACCELERATOR=cpu without a GPU
     _install_comm_backend()
 
 
