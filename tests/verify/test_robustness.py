@@ -196,15 +196,16 @@ _NUMBERS = ("status", "loss_abs_err", "max_grad_rel_err", "worst_tensor", "worst
 
 
 def test_same_seed_same_verdict_and_numbers_other_seed_other_inputs():
-    # In float32 every tensor carries rounding errors that depend on the inputs: a seed that
-    # changed nothing would show.
-    runs = [verify(model_fn, inputs_fn, impl=ulysses_impl, world_size=2, dtype=torch.float32, seed=s).to_dict()
-            for s in (7, 7, 8)]
-    first, again, other = ({k: d[k] for k in _NUMBERS} for d in runs)
-    assert first["status"] == "pass" and first["loss_abs_err"] > 0 and first == again
-    assert other["loss_abs_err"] != first["loss_abs_err"] and other["tensors"] != first["tensors"]
-    specs = [CaseSpec(TINY, "autosp", 2, 16, 2, "float64", s) for s in (7, 8)]
-    (m7, b7), (m8, b8) = (build_case(model_fn, inputs_fn, spec) for spec in specs)
+    # The same seed gives the same numbers to the bit. What another seed must change is what the
+    # seed feeds: the batch and the weights. Whether its rounding errors differ is a coincidence
+    # of the CPU (seeds 7 and 8 give equal float32 loss errors on some machines): never asserted.
+    first, again = (verify(model_fn, inputs_fn, impl=ulysses_impl, world_size=2, dtype=torch.float32,
+                           seed=7).to_dict() for _ in range(2))
+    first, again = ({k: d[k] for k in _NUMBERS} for d in (first, again))
+    assert first["status"] == "pass" and first == again
+    specs = [CaseSpec(TINY, "autosp", 2, 16, 2, "float32", s) for s in (7, 7, 8)]
+    (m7, b7), (m7b, b7b), (m8, b8) = (build_case(model_fn, inputs_fn, spec) for spec in specs)
+    assert torch.equal(b7["input_ids"], b7b["input_ids"]) and torch.equal(m7.head.weight, m7b.head.weight)
     assert not torch.equal(b7["input_ids"], b8["input_ids"])
     assert not torch.equal(m7.head.weight, m8.head.weight)
 
