@@ -28,7 +28,8 @@ def backend_for(config: SPConfig, world_size: int | None = None, group_key: str 
     only with the same backend object, and then across ranks, threads and model instances of
     the same architecture. The group size is part of the key because the graph depends on it."""
     key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
-           config.checkpointing, config.checkpoint_min_bytes, world_size, group_key)
+           config.checkpointing, config.checkpoint_min_bytes, config.attention_block_elements,
+           world_size, group_key)
     if key not in _BACKENDS:
         _BACKENDS[key] = make_backend(config, group_key)
     return _BACKENDS[key]
@@ -38,7 +39,8 @@ def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
     def autosp_backend(gm: torch.fx.GraphModule, example_inputs):
         group = config.resolve_group() if group_key == collectives.WORLD else collectives.resolve_group(group_key)
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
-                         seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug)
+                         seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug,
+                         block_elements=config.attention_block_elements)
         if config.checkpointing == "selective":
             inner = selective_backend(config.backend, ctx.seq.symbol, config.checkpoint_min_bytes)
         else:

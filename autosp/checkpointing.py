@@ -5,7 +5,8 @@ partitioner splits the joint forward+backward graph, every forward node is tagge
 torch's selective-checkpoint policies (``node.meta["recompute"]``, the tags
 ``torch.utils.checkpoint`` itself leaves and ``min_cut_rematerialization_partition`` honours):
 
-* attention outputs (the ATen scaled-dot-product-attention ops, their tuple items, and the
+* attention outputs (the ATen scaled-dot-product-attention ops, ``autosp::masked_attention``,
+  their tuple items, and the
   ``autosp::head_to_seq`` all-to-all after them): ``MUST_SAVE``;
 * every ``autosp::*`` op (the all-to-alls, the loss's group sum, the shards): ``MUST_SAVE``, a
   collective is never run twice (recomputing an all-to-all costs a second exchange);
@@ -24,6 +25,7 @@ import operator
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
+from autosp import masked_attention  # noqa: F401  (registers autosp::masked_attention)
 from autosp.errors import AutoSPError
 
 CHECKPOINTING = (None, "selective")
@@ -37,6 +39,7 @@ ATTENTION_OPS = {
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_attention_math.default,
     _aten.scaled_dot_product_attention.default,
+    torch.ops.autosp.masked_attention.default,
 }
 ATTENTION_OUTPUT_OPS = ("autosp::head_to_seq",)
 

@@ -7,6 +7,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from autosp.errors import AutoSPError
+from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 
 # Keyword inputs that carry the sequence on ``seq_dim`` in HF-style models.
 SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
@@ -35,6 +36,10 @@ class SPConfig:
         the backward. Needs an AOTAutograd backend: "aot_eager" or "inductor".
     checkpoint_min_bytes: the size (bytes, per rank, at the compile-time length) from which a
         sequence-long value is recomputed rather than saved (default 0: all of them).
+    attention_block_elements: the working memory of attention under a mask, in score elements
+        (batch x this rank's heads x query rows x keys) per block of query rows: masks are
+        rebuilt one block of rows at a time from O(S) data (``autosp.masked_attention``).
+        0 (default): as many as the queries have elements (so it grows linearly in S).
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None
@@ -47,6 +52,7 @@ class SPConfig:
     passes: tuple[str, ...] = field(default=None)
     checkpointing: str | None = None
     checkpoint_min_bytes: int = 0
+    attention_block_elements: int = DEFAULT_BLOCK_ELEMENTS
 
     def __post_init__(self):
         from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
@@ -73,6 +79,9 @@ class SPConfig:
         if isinstance(self.checkpoint_min_bytes, bool) or not isinstance(self.checkpoint_min_bytes, int) \
                 or self.checkpoint_min_bytes < 0:
             raise AutoSPError(f"checkpoint_min_bytes must be a non-negative int, got {self.checkpoint_min_bytes!r}")
+        if isinstance(self.attention_block_elements, bool) or not isinstance(self.attention_block_elements, int) \
+                or self.attention_block_elements < 0:
+            raise AutoSPError(f"attention_block_elements must be a non-negative int, got {self.attention_block_elements!r}")
 
     def resolve_group(self) -> dist.ProcessGroup:
         if not dist.is_initialized():

@@ -12,14 +12,19 @@ real queries never see padded keys.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from autosp.errors import AutoSPError
+from autosp.masked_attention import default_scale
+from autosp.passes import masks
 from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
+MASKED = torch.ops.autosp.masked_attention.default
 
 
 def _kv_repeats(q_heads: int, kv_heads: int, world_size: int, gqa: bool) -> tuple[int, bool]:
@@ -54,6 +59,7 @@ def attention(ctx) -> None:
         if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
             raise AutoSPError(f"attention {node.name} has a per-head mask {tuple(mask_value.shape)}: "
                               f"not supported yet\n  at {source_line(node)}")
+        dropout = call_arg(node, 4, "dropout_p", 0.0)
         with g.inserting_before(node):
             if repeats > 1:
                 k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
@@ -64,10 +70,18 @@ def attention(ctx) -> None:
             stands_for(q2, q)
             if repeats == 1:  # repeated kv heads hold no single-device value
                 stands_for(k2, k), stands_for(v2, v)
-            mask = _padded_mask(ctx, mask, is_causal)
-            kwargs = dict(attn_mask=mask, dropout_p=call_arg(node, 4, "dropout_p", 0.0),
-                          is_causal=is_causal, scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
-            attn = g.call_function(node.target, (q2, k2, v2), kwargs)
+            factored = None if (mask is None and is_causal) else _factor(ctx, node, mask, dropout)
+            if factored is not None:
+                scale = call_arg(node, 6, "scale") or default_scale(int(example_value(q).shape[-1]))
+                both = g.call_function(MASKED, (q2, k2, v2, factored.leaves, factored.q_dims, factored.program,
+                                                ctx.seq.node, float(scale), gqa, ctx.block_elements))
+                attn = g.call_function(operator.getitem, (both, 0))
+                ctx.counters["masked_attention"] += 1
+            else:
+                mask = _padded_mask(ctx, mask)
+                kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                              scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
+                attn = g.call_function(node.target, (q2, k2, v2), kwargs)
             out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P))
             stands_for(attn, node), stands_for(out, node)
         ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))
@@ -75,26 +89,43 @@ def attention(ctx) -> None:
         g.erase_node(node)
         ctx.counters["all_to_all"] += 4
         ctx.counters["attention"] += 1
+    for node in reversed(list(g.nodes)):  # the [S, S] mask values no attention reads any more
+        if node in ctx.mask_region and not node.users:
+            g.erase_node(node)
+            ctx.counters["mask_nodes_removed"] += 1
 
 
-def _padded_mask(ctx, mask, is_causal):
-    """The mask for the padded sequence: padded keys never visible, padded queries harmless."""
+def _factor(ctx, node, mask, dropout):
+    """The mask of ``node`` as O(S) data, or None when it must stay whole (said in a warning)."""
+    if mask is not None and not isinstance(mask, fx.Node):
+        return None
+    if dropout:  # the blockwise op draws no dropout: keep torch's attention and the whole mask
+        why = f"attention dropout {dropout}"
+    else:
+        try:
+            factored = masks.factor(mask, ctx.seq.symbol) if mask is not None else masks.FactoredMask([], [], "", [])
+            ctx.mask_region.update(factored.region)
+            return factored
+        except masks.NotFactorable as e:
+            why = str(e)
+    ctx.counters["dense_mask"] += 1
+    warnings.warn(f"autosp: attention {node.name} keeps its whole [S, S] mask on every rank ({why})\n"
+                  f"  at {source_line(node)}", stacklevel=2)
+    return None
+
+
+def _padded_mask(ctx, mask):
+    """A whole mask for the padded sequence: padded keys never visible, padded queries harmless.
+    Only for masks that cannot be factored (``masks.py``) and for attention with dropout."""
     g, S = ctx.graph, ctx.seq.symbol
-    pad = ctx._emit("Sl*P-S", operator.sub, (ctx.padded_len(), ctx.seq.node))
-    if mask is None:
-        if is_causal:
-            return None
-        keys = g.call_function(torch.arange, (ctx.padded_len(),))
-        return g.call_function(operator.lt, (keys, ctx.seq.node))
-    value = example_value(mask)
+    value = example_value(mask) if mask is not None else None
     if not isinstance(value, torch.Tensor):
         return mask
-    shape = value.shape
+    pad = ctx._emit("Sl*P-S", operator.sub, (ctx.padded_len(), ctx.seq.node))
     boolean = value.dtype == torch.bool
-    has_seq = [S in getattr(s, "node", None).expr.free_symbols if isinstance(s, torch.SymInt) else False
-               for s in shape]
+    has_seq = [S in s.node.expr.free_symbols if isinstance(s, torch.SymInt) else False for s in value.shape]
     if has_seq[-1]:
         mask = g.call_function(F.pad, (mask, (0, pad)), {"value": False if boolean else float("-inf")})
-    if len(shape) >= 2 and has_seq[-2]:
+    if len(value.shape) >= 2 and has_seq[-2]:
         mask = g.call_function(F.pad, (mask, (0, 0, 0, pad)), {"value": True if boolean else 0.0})
     return mask

@@ -9,6 +9,7 @@ import sympy
 from torch import fx
 
 from autosp.errors import AutoSPError
+from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 from autosp.passes.layout import LAYOUT, SeqLayout, SeqSymbol, linear_coeffs
 
 
@@ -20,6 +21,8 @@ class PassContext:
     group: str  # key of the process group in autosp.collectives
     counters: Counter = field(default_factory=Counter)
     output_layouts: dict[int, SeqLayout] = field(default_factory=dict)
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS  # working memory of autosp::masked_attention
+    mask_region: set = field(default_factory=set)  # [S, S] mask nodes replaced by O(S) leaves
     _sizes: dict = field(default_factory=dict)
 
     @property

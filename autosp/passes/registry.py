@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import fx
 
+from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 from autosp.passes.attention import attention
 from autosp.passes.context import PassContext
 from autosp.passes.layout import SEQ_LEN, VALUE_OF, analyse, find_sequence
@@ -39,8 +40,9 @@ COUNTERS: Counter = Counter()
 
 
 def run_passes(gm: fx.GraphModule, *, world_size: int, group: str, seq_dim: int = 1,
-               pipeline=DEFAULT_PIPELINE, debug: bool = False) -> PassContext:
-    ctx = PassContext(gm, find_sequence(gm, seq_dim), world_size, group)
+               pipeline=DEFAULT_PIPELINE, debug: bool = False,
+               block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> PassContext:
+    ctx = PassContext(gm, find_sequence(gm, seq_dim), world_size, group, block_elements=block_elements)
     for node in gm.graph.nodes:
         node.meta.setdefault(VALUE_OF, node.name)
     ctx.seq.node.meta[SEQ_LEN] = True  # the placeholder holding S at run time, for the verifier

@@ -1,0 +1,231 @@
+"""Attention with a mask given as O(S) data: never an [S, S] tensor, in the forward or the backward.
+
+``autosp::masked_attention(q, k, v, leaves, program, length, ...)`` computes
+``scaled_dot_product_attention(q, k, v, attn_mask=M)`` where ``M`` is the mask the model built,
+described by a *program*: the pointwise ops (comparisons, logic, arithmetic, ``where``, casts)
+the model applied to *leaves*, tensors that each carry the sequence on at most one dim (positions,
+document ids, key-padding vectors: ``autosp.passes.masks`` finds them). The op runs over blocks of
+queries: for each block it slices the leaves along their query dim, replays the program to get
+the block's rows of ``M`` ([.., Bq, S] at most), and attends those queries to the keys the rows
+reach. The backward recomputes each block's rows the same way from the saved log-sum-exp, so the
+memory beside q, k, v and the output is one block's scores, whatever S is.
+
+Padding (P does not divide S): keys at or past ``length`` are never attended and queries past it
+give zeros (they are padding; zeros keep them finite). A row no key may see gives zeros with a
+zero gradient, as torch's SDPA does. Half-precision inputs are computed in float32.
+
+A program is JSON: ``[[op, args, kwargs], ...]`` evaluated in order; ``{"ref": i}`` in an
+argument is value i (the leaves first, then the results of the ops), and the last value is the
+mask. ``OPS`` lists every op a program may use; nothing else is ever evaluated.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import operator
+
+import torch
+from torch import Tensor
+
+# Pointwise ops a mask program may use (broadcasting). ``expand``/``contiguous``/``clone`` are
+# identities here: the block's rows broadcast against the scores anyway.
+OPS = {
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor, "invert": operator.invert,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+    "ge": operator.ge, "add": operator.add, "sub": operator.sub, "mul": operator.mul,
+    "truediv": operator.truediv, "floordiv": operator.floordiv, "mod": operator.mod,
+    "neg": operator.neg, "abs": operator.abs, "where": torch.where,
+    "logical_and": torch.logical_and, "logical_or": torch.logical_or,
+    "logical_not": torch.logical_not, "logical_xor": torch.logical_xor,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+    "to_dtype": lambda x, dtype: x.to(dtype), "identity": lambda x: x,
+    "unsqueeze": torch.unsqueeze, "index": operator.getitem,
+}
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+    torch.bfloat16, torch.float32, torch.float64)}
+# Scores per block (batch x heads x query rows x keys), the op's working memory, in elements:
+# 0 (the default) means as many as q has (then the working memory grows like the activations,
+# linearly in S), and at least MIN_BLOCK_ELEMENTS.
+DEFAULT_BLOCK_ELEMENTS = 0
+MIN_BLOCK_ELEMENTS = 1 << 16
+
+
+def _decode(arg, values):
+    if isinstance(arg, list):
+        return [_decode(a, values) for a in arg]
+    if isinstance(arg, dict):
+        if "ref" in arg:
+            return values[arg["ref"]]
+        if "dtype" in arg:
+            return DTYPES[arg["dtype"]]
+        if "slice" in arg:
+            return slice(*arg["slice"])
+        if "ellipsis" in arg:
+            return Ellipsis
+        if "tuple" in arg:
+            return tuple(_decode(a, values) for a in arg["tuple"])
+        if "float" in arg:
+            return float(arg["float"])  # inf and nan, which JSON has no literal for
+    return arg
+
+
+@functools.lru_cache(maxsize=256)
+def parse(program: str) -> list:
+    ops = json.loads(program) if program else []
+    for op, _, _ in ops:
+        if op not in OPS:
+            raise ValueError(f"autosp: mask program uses {op!r}, not an allowed op")
+    return ops
+
+
+def evaluate(program: str, leaves) -> Tensor | None:
+    """The mask a program computes from ``leaves`` (None for an empty program: no mask)."""
+    ops = parse(program)
+    if not ops:
+        return leaves[0] if leaves else None
+    values = list(leaves)
+    for op, args, kwargs in ops:
+        values.append(OPS[op](*_decode(args, values), **_decode(kwargs, values)))
+    return values[-1]
+
+
+def _block_rows(leaves, q_dims, start: int, stop: int):
+    return [leaf if d < 0 else leaf.narrow(d, start, stop - start) for leaf, d in zip(leaves, q_dims)]
+
+
+def _work_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Blocks:
+    """The query blocks of one call and, for each, its mask rows and the keys they reach."""
+
+    def __init__(self, q, k, leaves, q_dims, program, length, block_elements):
+        self.leaves, self.q_dims, self.program, self.length = leaves, q_dims, program, length
+        batch, heads, rows = q.shape[0], q.shape[1], q.shape[2]
+        per_row = max(1, batch * heads * min(length, k.shape[2]))
+        budget = block_elements or max(MIN_BLOCK_ELEMENTS, q.numel())
+        self.size = max(1, min(rows, budget // per_row))
+        self.rows = rows
+
+    def __iter__(self):
+        for start in range(0, min(self.rows, self.length), self.size):
+            stop = min(start + self.size, self.length)
+            mask = evaluate(self.program, _block_rows(self.leaves, self.q_dims, start, stop))
+            key_stop = self.length
+            key_start = 0
+            if mask is not None and mask.dtype == torch.bool and mask.dim() >= 1 and mask.shape[-1] > 1:
+                reached = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
+                if reached.numel() == 0:
+                    yield start, stop, mask, 0, 0
+                    continue
+                key_start, key_stop = int(reached[0]), int(reached[-1]) + 1
+                mask = mask[..., key_start:key_stop]
+            yield start, stop, mask, key_start, key_stop
+
+
+def _scores(qb, k, mask, scale, groups):
+    """[B, H, Bq, Sk] scores of a block (kv heads shared by ``groups`` query heads each)."""
+    b, h, rows, d = qb.shape
+    q5 = qb.reshape(b, h // groups, groups, rows, d)
+    s = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)).reshape(b, h, rows, k.shape[2]) * scale
+    if mask is None:
+        return s
+    if mask.dtype == torch.bool:
+        return s.masked_fill(~mask, float("-inf"))
+    return s + mask.to(s.dtype)
+
+
+def _grouped(x, groups):
+    """[B, H, Bq, Sk] -> [B, Hkv, groups, Bq, Sk] (query heads that share a kv head together)."""
+    b, h = x.shape[:2]
+    return x.reshape(b, h // groups, groups, *x.shape[2:])
+
+
+def _groups(q, k, enable_gqa: bool) -> int:
+    if q.shape[1] == k.shape[1]:
+        return 1
+    if not enable_gqa or q.shape[1] % k.shape[1]:
+        raise RuntimeError(f"autosp::masked_attention: {q.shape[1]} query heads and {k.shape[1]} "
+                           f"key/value heads without enable_gqa")
+    return q.shape[1] // k.shape[1]
+
+
+@torch.library.custom_op("autosp::masked_attention", mutates_args=())
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], q_dims: list[int],
+                     program: str, length: int, scale: float, enable_gqa: bool,
+                     block_elements: int) -> tuple[Tensor, Tensor]:
+    """(attention output [B, H, S', Dv], log-sum-exp [B, H, S']) for [B, H, S', D] q; the log-sum-exp
+    in float32 for half-precision inputs."""
+    groups = _groups(q, k, enable_gqa)
+    work = _work_dtype(q.dtype)
+    qw, kw, vw = q.to(work), k.to(work), v.to(work)
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work)
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, q_dims, program, length, block_elements):
+        if k1 == k0:
+            continue
+        s = _scores(qw[:, :, start:stop], kw[:, :, k0:k1], mask, scale, groups)
+        block_lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - block_lse.unsqueeze(-1)).nan_to_num_(0.0)  # rows that see no key: 0
+        o = torch.matmul(_grouped(p, groups), vw[:, :, k0:k1].unsqueeze(2))
+        out[:, :, start:stop] = o.reshape(out[:, :, start:stop].shape)
+        lse[:, :, start:stop] = block_lse
+    return out.to(q.dtype), lse
+
+
+@masked_attention.register_fake
+def _(q, k, v, leaves, q_dims, program, length, scale, enable_gqa, block_elements):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out, q.new_empty(q.shape[:-1], dtype=_work_dtype(q.dtype))
+
+
+@torch.library.custom_op("autosp::masked_attention_backward", mutates_args=())
+def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              leaves: list[Tensor], q_dims: list[int], program: str, length: int,
+                              scale: float, enable_gqa: bool, block_elements: int
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    groups = _groups(q, k, enable_gqa)
+    work = _work_dtype(q.dtype)
+    qw, kw, vw, gw, ow = (t.to(work) for t in (q, k, v, grad, out))
+    dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
+    delta = (gw * ow).sum(-1)  # [B, H, S']: rowsum(dO * O), the softmax's backward term
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, q_dims, program, length, block_elements):
+        if k1 == k0:
+            continue
+        qb, kb, vb, gb = qw[:, :, start:stop], kw[:, :, k0:k1], vw[:, :, k0:k1], gw[:, :, start:stop]
+        s = _scores(qb, kb, mask, scale, groups)
+        p = torch.exp(s - lse[:, :, start:stop].unsqueeze(-1)).nan_to_num_(0.0)
+        pg, gg = _grouped(p, groups), _grouped(gb, groups)  # [B, Hkv, g, Bq, Sk], [B, Hkv, g, Bq, Dv]
+        dv[:, :, k0:k1] += torch.matmul(pg.transpose(-1, -2), gg).sum(2)
+        dp = torch.matmul(gg, vb.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, g, Bq, Sk]
+        ds = pg * (dp - _grouped(delta[:, :, start:stop], groups).unsqueeze(-1))
+        dq[:, :, start:stop] = (torch.matmul(ds, kb.unsqueeze(2)) * scale).reshape(qb.shape)
+        dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), _grouped(qb, groups)).sum(2) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@masked_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, leaves, q_dims, program, length, scale, enable_gqa, block_elements):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, leaves, q_dims, program, length, scale, enable_gqa, block_elements = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], *leaves)
+    ctx.args = (q_dims, program, length, scale, enable_gqa, block_elements)
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, *leaves = ctx.saved_tensors
+    dq, dk, dv = masked_attention_backward(grad, q, k, v, out, lse, leaves, *ctx.args)
+    return dq, dk, dv, [None] * len(leaves), None, None, None, None, None, None
+
+
+masked_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
