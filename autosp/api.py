@@ -30,6 +30,17 @@ def _mark(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
     return alias
 
 
+def _mark_square(t: torch.Tensor) -> torch.Tensor:
+    """A new alias of a [.., S, S] mask the caller built, its last two dims marked dynamic."""
+    alias = t.view(t.shape)
+    for dim in range(t.dim()):
+        if dim >= t.dim() - 2:
+            torch._dynamo.maybe_mark_dynamic(alias, dim)
+        else:
+            torch._dynamo.mark_static(alias, dim)
+    return alias
+
+
 def prepare_inputs(*tensors: torch.Tensor | None, seq_dim: int = 1):
     """Mark the sequence dim of each tensor (None passes through); returns new aliases."""
     return tuple(None if t is None else _mark(t, seq_dim) for t in tensors)
@@ -48,6 +59,12 @@ def _loss_of(out):
     if isinstance(out, (tuple, list)):
         return out[0] if out else None
     return getattr(out, "loss", out if isinstance(out, torch.Tensor) else None)
+
+
+def _is_square_mask(name: str, t) -> bool:
+    """A 3-D or 4-D attention mask ([B, S, S], [B, 1, S, S]) the caller built whole."""
+    return name == "attention_mask" and isinstance(t, torch.Tensor) and t.dim() >= 3 \
+        and t.shape[-1] == t.shape[-2]
 
 
 class CompiledSP:
@@ -73,13 +90,17 @@ class CompiledSP:
         first = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
         if first is not None:
             args[first] = _mark(args[first], seq_dim)
-        kwargs = {k: _mark(v, seq_dim) if k in names and isinstance(v, torch.Tensor) else v
+        kwargs = {k: self._mark_input(k, v) if k in names and isinstance(v, torch.Tensor) else v
                   for k, v in kwargs.items()}
         lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()]
                    if seq_dim in getattr(t, "_dynamo_weak_dynamic_indices", ())}
+        lengths |= {t.shape[-1] for k, t in kwargs.items() if k in names and _is_square_mask(k, t)}
         if len(lengths) > 1:
             raise AutoSPError(f"sequence inputs disagree on the length along dim {seq_dim}: {sorted(lengths)}")
         return args, kwargs, lengths.pop() if lengths else None
+
+    def _mark_input(self, name, t):
+        return _mark_square(t) if _is_square_mask(name, t) else _mark(t, self.config.seq_dim)
 
     def __call__(self, *args, **kwargs):
         return self._call(self.config.resolve_group(), args, kwargs)

@@ -14,9 +14,12 @@ Padding (P does not divide S): keys at or past ``length`` are never attended and
 give zeros (they are padding; zeros keep them finite). A row no key may see gives zeros with a
 zero gradient, as torch's SDPA does. Half-precision inputs are computed in float32.
 
-A program is JSON: ``[[op, args, kwargs], ...]`` evaluated in order; ``{"ref": i}`` in an
-argument is value i (the leaves first, then the results of the ops), and the last value is the
-mask. ``OPS`` lists every op a program may use; nothing else is ever evaluated.
+A program is JSON: ``{"q_dims": [...], "ops": [[op, args, kwargs], ...]}``: for each leaf the
+dim that runs along the queries (-1: none), sliced to the block's rows, then the ops evaluated in
+order; ``{"ref": i}`` in an argument is value i (the leaves first, then the results of the ops),
+and the last value is the mask (the only leaf, when there are no ops; none: no mask). ``OPS`` and ``BLOCK_OPS`` (the block's query and key positions, for masks a model makes
+with ``eye``/``tril``/``triu``, and constants, for ``ones``/``full``) list every op a program may
+use; nothing else is ever evaluated.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import functools
 import json
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,6 +45,15 @@ OPS = {
     "maximum": torch.maximum, "minimum": torch.minimum,
     "to_dtype": lambda x, dtype: x.to(dtype), "identity": lambda x: x,
     "unsqueeze": torch.unsqueeze, "index": operator.getitem,
+    "tril": lambda x, rows, cols, d: torch.where(cols - rows <= d, x, torch.zeros((), dtype=x.dtype, device=x.device)),
+    "triu": lambda x, rows, cols, d: torch.where(cols - rows >= d, x, torch.zeros((), dtype=x.dtype, device=x.device)),
+}
+# Ops that read the block: the query positions of its rows ([Bq, 1]), the key positions
+# ([1, S]), a constant (a 0-d tensor on the block's device).
+BLOCK_OPS = {
+    "rows": lambda block: torch.arange(block.start, block.stop, device=block.device).unsqueeze(-1),
+    "cols": lambda block: torch.arange(block.length, device=block.device).unsqueeze(0),
+    "full": lambda block, value, dtype: torch.full((), value, dtype=dtype, device=block.device),
 }
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -72,27 +85,39 @@ def _decode(arg, values):
 
 
 @functools.lru_cache(maxsize=256)
-def parse(program: str) -> list:
-    ops = json.loads(program) if program else []
-    for op, _, _ in ops:
-        if op not in OPS:
+def parse(program: str) -> tuple[list, list]:
+    """(q_dims, ops) of a program."""
+    spec = json.loads(program)
+    for op, _, _ in spec["ops"]:
+        if op not in OPS and op not in BLOCK_OPS:
             raise ValueError(f"autosp: mask program uses {op!r}, not an allowed op")
-    return ops
+    return spec["q_dims"], spec["ops"]
 
 
-def evaluate(program: str, leaves) -> Tensor | None:
-    """The mask a program computes from ``leaves`` (None for an empty program: no mask)."""
-    ops = parse(program)
+def program_of(q_dims: list[int], ops: list) -> str:
+    return json.dumps({"q_dims": list(q_dims), "ops": ops})
+
+
+@dataclass(frozen=True)
+class Block:
+    """Query rows ``start:stop`` of a mask over ``length`` keys."""
+    start: int
+    stop: int
+    length: int
+    device: torch.device
+
+
+def evaluate(program: str, leaves, block: Block) -> Tensor | None:
+    """The block's rows of the mask a program computes from ``leaves`` (None: no mask)."""
+    q_dims, ops = parse(program)
+    values = [leaf if d < 0 else leaf.narrow(d, block.start, block.stop - block.start)
+              for leaf, d in zip(leaves, q_dims)]
     if not ops:
-        return leaves[0] if leaves else None
-    values = list(leaves)
+        return values[0] if values else None
     for op, args, kwargs in ops:
-        values.append(OPS[op](*_decode(args, values), **_decode(kwargs, values)))
+        args, kwargs = _decode(args, values), _decode(kwargs, values)
+        values.append(BLOCK_OPS[op](block, *args, **kwargs) if op in BLOCK_OPS else OPS[op](*args, **kwargs))
     return values[-1]
-
-
-def _block_rows(leaves, q_dims, start: int, stop: int):
-    return [leaf if d < 0 else leaf.narrow(d, start, stop - start) for leaf, d in zip(leaves, q_dims)]
 
 
 def _work_dtype(dtype):
@@ -102,18 +127,33 @@ def _work_dtype(dtype):
 class _Blocks:
     """The query blocks of one call and, for each, its mask rows and the keys they reach."""
 
-    def __init__(self, q, k, leaves, q_dims, program, length, block_elements):
-        self.leaves, self.q_dims, self.program, self.length = leaves, q_dims, program, length
+    def __init__(self, q, k, leaves, program, length, block_elements):
+        self.leaves, self.program, self.length = leaves, program, length
+        self.device = q.device
+        self.scores_shape = q.shape[:-1] + (k.shape[2],)
         batch, heads, rows = q.shape[0], q.shape[1], q.shape[2]
         per_row = max(1, batch * heads * min(length, k.shape[2]))
         budget = block_elements or max(MIN_BLOCK_ELEMENTS, q.numel())
         self.size = max(1, min(rows, budget // per_row))
         self.rows = rows
 
+    def _check(self, mask, rows):
+        want = (*self.scores_shape[:-2], rows, self.length)
+        try:
+            fits = torch.broadcast_shapes(mask.shape, want) == want
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise RuntimeError(f"autosp::masked_attention: the mask's rows for queries {rows} long over "
+                               f"{self.length} keys have shape {tuple(mask.shape)}, which does not "
+                               f"broadcast to the scores {want}")
+
     def __iter__(self):
         for start in range(0, min(self.rows, self.length), self.size):
             stop = min(start + self.size, self.length)
-            mask = evaluate(self.program, _block_rows(self.leaves, self.q_dims, start, stop))
+            mask = evaluate(self.program, self.leaves, Block(start, stop, self.length, self.device))
+            if mask is not None:
+                self._check(mask, stop - start)
             key_stop = self.length
             key_start = 0
             if mask is not None and mask.dtype == torch.bool and mask.dim() >= 1 and mask.shape[-1] > 1:
@@ -154,8 +194,7 @@ def _groups(q, k, enable_gqa: bool) -> int:
 
 
 @torch.library.custom_op("autosp::masked_attention", mutates_args=())
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], q_dims: list[int],
-                     program: str, length: int, scale: float, enable_gqa: bool,
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], program: str, length: int, scale: float, enable_gqa: bool,
                      block_elements: int) -> tuple[Tensor, Tensor]:
     """(attention output [B, H, S', Dv], log-sum-exp [B, H, S']) for [B, H, S', D] q; the log-sum-exp
     in float32 for half-precision inputs."""
@@ -164,7 +203,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], q_di
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
-    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, q_dims, program, length, block_elements):
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements):
         if k1 == k0:
             continue
         s = _scores(qw[:, :, start:stop], kw[:, :, k0:k1], mask, scale, groups)
@@ -177,14 +216,14 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], q_di
 
 
 @masked_attention.register_fake
-def _(q, k, v, leaves, q_dims, program, length, scale, enable_gqa, block_elements):
+def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return out, q.new_empty(q.shape[:-1], dtype=_work_dtype(q.dtype))
 
 
 @torch.library.custom_op("autosp::masked_attention_backward", mutates_args=())
 def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                              leaves: list[Tensor], q_dims: list[int], program: str, length: int,
+                              leaves: list[Tensor], program: str, length: int,
                               scale: float, enable_gqa: bool, block_elements: int
                               ) -> tuple[Tensor, Tensor, Tensor]:
     groups = _groups(q, k, enable_gqa)
@@ -192,7 +231,7 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     qw, kw, vw, gw, ow = (t.to(work) for t in (q, k, v, grad, out))
     dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
     delta = (gw * ow).sum(-1)  # [B, H, S']: rowsum(dO * O), the softmax's backward term
-    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, q_dims, program, length, block_elements):
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements):
         if k1 == k0:
             continue
         qb, kb, vb, gb = qw[:, :, start:stop], kw[:, :, k0:k1], vw[:, :, k0:k1], gw[:, :, start:stop]
@@ -208,20 +247,20 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 
 
 @masked_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, leaves, q_dims, program, length, scale, enable_gqa, block_elements):
+def _(grad, q, k, v, out, lse, leaves, program, length, scale, enable_gqa, block_elements):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, leaves, q_dims, program, length, scale, enable_gqa, block_elements = inputs
+    q, k, v, leaves, program, length, scale, enable_gqa, block_elements = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], *leaves)
-    ctx.args = (q_dims, program, length, scale, enable_gqa, block_elements)
+    ctx.args = (program, length, scale, enable_gqa, block_elements)
 
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, *leaves = ctx.saved_tensors
     dq, dk, dv = masked_attention_backward(grad, q, k, v, out, lse, leaves, *ctx.args)
-    return dq, dk, dv, [None] * len(leaves), None, None, None, None, None, None
+    return dq, dk, dv, [None] * len(leaves), None, None, None, None, None
 
 
 masked_attention.register_autograd(_backward, setup_context=_setup)

@@ -1,13 +1,19 @@
 """Pass ``attention``: Ulysses all-to-all around every scaled_dot_product_attention.
 
 q, k, v arrive sharded along the sequence ([..., H, S/P, D]); ``seq_to_head`` makes them
-head-sharded over the whole (padded) sequence, attention runs unchanged on this rank's heads, and
+head-sharded over the whole (padded) sequence, attention runs on this rank's heads, and
 ``head_to_seq`` brings the result back. Key/value heads are repeated only as far as needed for
 every rank to hold the kv heads of its query heads (GQA/MQA with fewer kv heads than ranks).
-Query heads that P does not divide are padded with zero heads inside the all-to-all. The full
-attention mask is padded to the padded length (padded keys masked out); without a mask and
-without ``is_causal`` a key-padding mask is added. With ``is_causal`` and the padding at the end,
-real queries never see padded keys.
+Query heads that P does not divide are padded with zero heads inside the all-to-all.
+
+The attention itself:
+- ``is_causal`` without a mask: torch's attention, unchanged (padding sits at the end, where
+  causal real queries never look);
+- a mask, or neither mask nor ``is_causal``: ``autosp::masked_attention`` with the mask factored
+  into O(S) leaves (``masks.py``), rebuilt one block of query rows at a time; padded keys are
+  never attended. The [S, S] nodes that built the mask become dead and are removed. What cannot
+  be factored is held whole (a warning and the ``dense_mask`` counter say so);
+- attention dropout: torch's attention with the whole mask, padded (``_padded_mask``).
 """
 from __future__ import annotations
 
@@ -73,7 +79,7 @@ def attention(ctx) -> None:
             factored = None if (mask is None and is_causal) else _factor(ctx, node, mask, dropout)
             if factored is not None:
                 scale = call_arg(node, 6, "scale") or default_scale(int(example_value(q).shape[-1]))
-                both = g.call_function(MASKED, (q2, k2, v2, factored.leaves, factored.q_dims, factored.program,
+                both = g.call_function(MASKED, (q2, k2, v2, factored.leaves, factored.program,
                                                 ctx.seq.node, float(scale), gqa, ctx.block_elements))
                 attn = g.call_function(operator.getitem, (both, 0))
                 ctx.counters["masked_attention"] += 1
@@ -96,22 +102,23 @@ def attention(ctx) -> None:
 
 
 def _factor(ctx, node, mask, dropout):
-    """The mask of ``node`` as O(S) data, or None when it must stay whole (said in a warning)."""
+    """The mask of ``node`` as O(S) data where it can be (None: torch's attention with the whole
+    mask, for dropout); a value held whole on every rank is said in a warning."""
     if mask is not None and not isinstance(mask, fx.Node):
         return None
     if dropout:  # the blockwise op draws no dropout: keep torch's attention and the whole mask
-        why = f"attention dropout {dropout}"
+        whole = {mask: f"attention dropout {dropout}"}
+        factored = None
     else:
-        try:
-            factored = masks.factor(mask, ctx.seq.symbol) if mask is not None else masks.FactoredMask([], [], "", [])
-            ctx.mask_region.update(factored.region)
-            return factored
-        except masks.NotFactorable as e:
-            why = str(e)
-    ctx.counters["dense_mask"] += 1
-    warnings.warn(f"autosp: attention {node.name} keeps its whole [S, S] mask on every rank ({why})\n"
-                  f"  at {source_line(node)}", stacklevel=2)
-    return None
+        factored = masks.factor(mask, ctx.seq.symbol) if mask is not None else masks.NO_MASK
+        ctx.mask_region.update(factored.region)
+        whole = factored.whole
+    if whole:
+        ctx.counters["dense_mask"] += 1
+        why = "; ".join(whole.values())
+        warnings.warn(f"autosp: attention {node.name} holds an [S, S] mask whole on every rank ({why})\n"
+                      f"  at {source_line(node)}", stacklevel=2)
+    return factored
 
 
 def _padded_mask(ctx, mask):

@@ -9,19 +9,21 @@ works out, from the broadcasting, which dim of each leaf runs along the queries 
 the keys. ``autosp::masked_attention`` then rebuilds the mask one block of query rows at a time:
 no rank ever holds an [S, S] tensor, and the [S, S] nodes of the graph become dead.
 
-What cannot be factored (a mask read from an [S, S] input, a view that merges its dims, an op
-with no entry here) is reported with the reason; the attention pass then keeps the mask whole.
+A value that carries the sequence twice and cannot be replayed (an [S, S] mask the caller
+passes, a view that merges its dims, an op with no entry here) becomes a leaf itself: held whole
+on every rank, and reported with the reason (``FactoredMask.whole``); the op still slices it per
+block, so no padded or float copy of it is ever made.
 """
 from __future__ import annotations
 
-import json
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from autosp.masked_attention import program_of
 from autosp.passes.layout import example_value, seq_dims, size_expr
 
 Q, K = "q", "k"
@@ -50,14 +52,20 @@ _CASTS = {"bool": torch.bool, "float": torch.float32, "double": torch.float64, "
           "bfloat16": torch.bfloat16, "int": torch.int32, "long": torch.int64}
 _IDENTITY_METHODS = {"expand", "expand_as", "contiguous", "clone"}
 _IDENTITY_FUNCTIONS = {torch.clone}
+# Made from sizes alone: a constant (broadcast by the block), or the identity pattern.
+_CONSTANTS = {torch.ones: 1, torch.zeros: 0, torch.full: None}
+_TRIANGLES = {torch.tril: "tril", torch.triu: "triu", "tril": "tril", "triu": "triu"}
 
 
 @dataclass
 class FactoredMask:
-    leaves: list  # fx nodes (or literal tensors never: leaves are graph values)
-    q_dims: list[int]  # per leaf, the dim that runs along the queries (-1: none)
-    program: str  # JSON, see autosp.masked_attention
+    leaves: list  # graph values that carry the sequence once at most
+    program: str  # JSON, see autosp.masked_attention: each leaf's query dim, the ops
     region: list  # the [S, S] nodes the mask was built with, in graph order
+    whole: dict = field(default_factory=dict)  # leaves that carry the sequence twice -> why
+
+
+NO_MASK = FactoredMask([], program_of([], []), [])
 
 
 class NotFactorable(Exception):
@@ -94,6 +102,10 @@ def _kind(node) -> str:
     if node.op == "call_function":
         if node.target in _FUNCTIONS:
             return "broadcast"
+        if node.target in _CONSTANTS or node.target is torch.eye:
+            return "factory"
+        if node.target in _TRIANGLES:
+            return "triangle"
         if node.target in _IDENTITY_FUNCTIONS:
             return "identity"
         if node.target is torch.unsqueeze:
@@ -106,6 +118,8 @@ def _kind(node) -> str:
             return "broadcast"
         if node.target in _IDENTITY_METHODS:
             return "identity"
+        if node.target in _TRIANGLES:
+            return "triangle"
         if node.target == "unsqueeze":
             return "unsqueeze"
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
@@ -115,7 +129,7 @@ def _kind(node) -> str:
 def _input_roles(node, roles, inp) -> tuple:
     """The role of each dim of input ``inp`` of ``node``, given the roles of ``node``'s dims."""
     kind, in_nd = _kind(node), example_value(inp).dim()
-    if kind in ("broadcast", "identity"):
+    if kind in ("broadcast", "identity", "triangle"):
         if in_nd > len(roles):
             raise NotFactorable(f"{node.name} broadcasts {inp.name} to fewer dims")
         return roles[len(roles) - in_nd:]
@@ -157,42 +171,85 @@ def _dtype_of(node) -> torch.dtype | None:
     return None
 
 
-def _op(node, refs):
-    """(program op, args, kwargs) replaying ``node``, or None when it is an identity here."""
-    x = node.args[0]
-    if _kind(node) == "identity":
-        return None
-    if node.op == "call_method" and node.target in _CASTS:
-        return "to_dtype", [_encode(x, refs), _encode(_CASTS[node.target], refs)], {}
-    if node.op == "call_method" and node.target == "to":
-        dtype = _dtype_of(node)
-        if dtype is None:  # a device move: the op already runs where q is
-            return None
-        return "to_dtype", [_encode(x, refs), _encode(dtype, refs)], {}
-    if _kind(node) == "unsqueeze":
-        return "unsqueeze", [_encode(a, refs) for a in node.args], {}
-    if _kind(node) == "index":
-        return "index", [_encode(x, refs), _encode(tuple(_index_items(node)), refs)], {}
-    if node.op == "call_method" and node.target == "masked_fill":
-        _, fill_mask, value = node.args
-        return "where", [_encode(fill_mask, refs), _encode(value, refs), _encode(x, refs)], {}
-    name = _FUNCTIONS[node.target] if node.op == "call_function" else _METHODS[node.target]
-    return name, [_encode(a, refs) for a in node.args], {k: _encode(v, refs) for k, v in node.kwargs.items()}
+class _Program:
+    """The ops of a program as they are added; ``ref`` of a node is its value's index."""
+
+    def __init__(self, leaves):
+        self.refs = {leaf: i for i, leaf in enumerate(leaves)}
+        self.ops, self.first = [], len(leaves)
+        self._positions = {}
+
+    def emit(self, op, args, kwargs=None) -> dict:
+        self.ops.append([op, args, kwargs or {}])
+        return {"ref": self.first + len(self.ops) - 1}
+
+    def positions(self, which: str) -> dict:
+        """The block's query ("rows") or key ("cols") positions, made once."""
+        if which not in self._positions:
+            self._positions[which] = self.emit(which, [])
+        return self._positions[which]
+
+    def encode(self, arg):
+        return _encode(arg, self.refs)
+
+    def add(self, node, roles) -> None:
+        """Replay ``node`` (its inputs already added)."""
+        self.refs[node] = self._replay(node, roles)["ref"]
+
+    def _replay(self, node, roles) -> dict:
+        kind, x = _kind(node), (node.args[0] if node.args else None)
+        enc = self.encode
+        if kind == "identity" or (node.op == "call_method" and node.target == "to" and _dtype_of(node) is None):
+            return enc(x)  # a device move, an expand, a copy: the same values here
+        if kind in ("factory", "triangle") and tuple(roles[-2:]) != (Q, K):
+            raise NotFactorable(f"{node.name} makes a pattern over its last two dims, which are not "
+                                "the mask's queries and keys in that order")
+        if kind == "factory":
+            if node.target is torch.eye:
+                return self.emit("eq", [self.positions("rows"), self.positions("cols")])
+            value = _CONSTANTS[node.target]
+            if value is None:
+                value = node.args[1] if len(node.args) > 1 else node.kwargs["fill_value"]
+            return self.emit("full", [enc(value), enc(example_value(node).dtype)])
+        if kind == "triangle":
+            diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+            return self.emit(_TRIANGLES[node.target], [enc(x), self.positions("rows"),
+                                                       self.positions("cols"), enc(diagonal)])
+        if node.op == "call_method" and node.target in _CASTS:
+            return self.emit("to_dtype", [enc(x), enc(_CASTS[node.target])])
+        if node.op == "call_method" and node.target == "to":
+            return self.emit("to_dtype", [enc(x), enc(_dtype_of(node))])
+        if kind == "unsqueeze":
+            return self.emit("unsqueeze", [enc(a) for a in node.args])
+        if kind == "index":
+            return self.emit("index", [enc(x), enc(tuple(_index_items(node)))])
+        if node.op == "call_method" and node.target == "masked_fill":
+            _, fill_mask, value = node.args
+            return self.emit("where", [enc(fill_mask), enc(value), enc(x)])
+        name = _FUNCTIONS[node.target] if node.op == "call_function" else _METHODS[node.target]
+        return self.emit(name, [enc(a) for a in node.args], {k: enc(v) for k, v in node.kwargs.items()})
 
 
-def _region(mask: fx.Node, symbol) -> list:
-    """The nodes above ``mask`` that carry the sequence twice, in graph order."""
-    region, stack = set(), [mask]
+def _region(mask: fx.Node, symbol) -> tuple[list, dict]:
+    """The nodes above ``mask`` that carry the sequence twice and can be replayed, in graph
+    order; and those that cannot (an input, an op with no entry here), with the reason: they
+    become leaves, computed whole."""
+    region, whole, stack = set(), {}, [mask]
     while stack:
         node = stack.pop()
-        if node in region:
+        if node in region or node in whole:
             continue
-        if node.op not in ("call_function", "call_method"):
-            raise NotFactorable(f"the mask comes whole from {node.name} (an input with two sequence dims)")
+        try:
+            if node.op not in ("call_function", "call_method"):
+                raise NotFactorable(f"the mask comes whole from {node.name} (an input with two sequence dims)")
+            _kind(node)
+        except NotFactorable as e:
+            whole[node] = str(e)
+            continue
         region.add(node)
         stack += [a for a in _tensor_inputs(node) if _two_seq(a, symbol)]
     order = {n: i for i, n in enumerate(mask.graph.nodes)}
-    return sorted(region, key=order.__getitem__)
+    return sorted(region, key=order.__getitem__), whole
 
 
 def _roles(mask, region) -> dict:
@@ -220,12 +277,26 @@ def _check_dims(node, roles, symbol) -> int:
 
 
 def factor(mask: fx.Node, symbol) -> FactoredMask:
-    """Factor the mask ``mask`` (an attention's ``attn_mask``); raises NotFactorable."""
-    region = _region(mask, symbol) if _two_seq(mask, symbol) else []
-    if not region:  # the mask carries the sequence once at most: it is its own leaf
-        nd = example_value(mask).dim()
-        roles = (None,) * (nd - 2) + (Q, K) if nd >= 2 else (K,) * nd
-        return FactoredMask([mask], [_check_dims(mask, roles, symbol)], "", [])
+    """Factor the mask ``mask`` (an attention's ``attn_mask``). What carries the sequence twice
+    and cannot be replayed becomes a leaf, held whole (``FactoredMask.whole`` says which and
+    why); at worst the mask itself."""
+    try:
+        return _factor(mask, symbol)
+    except NotFactorable as e:
+        return _whole(mask, symbol, str(e))
+
+
+def _whole(mask, symbol, why: str) -> FactoredMask:
+    nd = example_value(mask).dim()
+    roles = (None,) * (nd - 2) + (Q, K) if nd >= 2 else (K,) * nd
+    whole = {mask: why} if _two_seq(mask, symbol) else {}
+    return FactoredMask([mask], program_of([_check_dims(mask, roles, symbol)], []), [], whole)
+
+
+def _factor(mask, symbol) -> FactoredMask:
+    region, whole = _region(mask, symbol) if _two_seq(mask, symbol) else ([], {})
+    if not region:  # the mask is its own leaf
+        return _whole(mask, symbol, "; ".join(whole.values()))
     roles = _roles(mask, region)
     leaves = [n for n in roles if n not in region]
     order = {n: i for i, n in enumerate(mask.graph.nodes)}
@@ -233,15 +304,10 @@ def factor(mask: fx.Node, symbol) -> FactoredMask:
     q_dims = [_check_dims(leaf, roles[leaf], symbol) for leaf in leaves]
     for node in region:
         _check_dims(node, roles[node], symbol)
-    refs = {leaf: i for i, leaf in enumerate(leaves)}
-    ops = []
+    program = _Program(leaves)
     for node in region:
-        op = _op(node, refs)
-        if op is None:
-            refs[node] = refs[node.args[0]]
-        else:
-            refs[node] = len(leaves) + len(ops)
-            ops.append(list(op))
-    if not ops or refs[mask] != len(leaves) + len(ops) - 1:
-        ops.append(["identity", [{"ref": refs[mask]}], {}])
-    return FactoredMask(leaves, q_dims, json.dumps(ops), region)
+        program.add(node, roles[node])
+    last = program.refs[mask]
+    if last != program.first + len(program.ops) - 1:  # the mask is a leaf or an earlier value
+        program.emit("identity", [{"ref": last}])
+    return FactoredMask(leaves, program_of(q_dims, program.ops), region, whole)

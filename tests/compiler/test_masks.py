@@ -1,0 +1,219 @@
+"""Masks as O(S) data: the mask a model builds is factored into leaves that carry the sequence once
+and a pointwise program, ``autosp::masked_attention`` rebuilds it one block of query rows at a
+time, and no rank holds an [S, S] tensor.
+
+Two levels: the factoring and the op against torch's SDPA with the dense mask (forward and
+backward, float64, block sizes from one row to the whole sequence), and whole HF models through
+the verifier (causal, right/left-padded, packed documents) with blocks of one row."""
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autosp
+from autosp.masked_attention import masked_attention, parse, program_of
+from autosp.passes import masks
+from autosp.passes.layout import example_value, find_sequence, seq_dims
+from autosp_verify import verify, verify_file
+from autosp_verify.impls import autosp_impl
+
+from .test_collective_counts import FIXTURES
+
+S, B, H, D = 11, 2, 3, 4
+
+
+def _capture(fn, *inputs):
+    """fn's Dynamo graph (every dim of size S dynamic: one symbol), its mask node, every node's
+    value, and the dense mask."""
+    captured = {}
+
+    def backend(gm, example_inputs):
+        values = {}
+        interp = torch.fx.Interpreter(gm)
+        run_node = interp.run_node
+        interp.run_node = lambda n: values.setdefault(n, run_node(n))
+        real = [S if isinstance(example_value(p), torch.SymInt) else p.meta["grapharg"].example
+                for p in gm.graph.find_nodes(op="placeholder")]  # every input is S long
+        captured.update(gm=gm, values=values, dense=interp.run(*real)[0])
+        return gm.forward
+    torch._dynamo.reset()
+    inputs = [t.view(t.shape) for t in inputs]
+    for t in inputs:
+        for d in range(t.dim()):
+            (torch._dynamo.mark_dynamic if t.shape[d] == S else torch._dynamo.mark_static)(t, d)
+    torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    gm = captured["gm"]
+    mask = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    symbol = example_value(mask).shape[-1].node.expr  # the keys: S
+    return gm, symbol, mask, captured["values"], captured["dense"]
+
+
+def _attention(q, k, v, factored, values, block_elements, length=S):
+    leaves = [values[leaf] for leaf in factored.leaves]
+    return masked_attention(q, k, v, leaves, factored.program, length,
+                            D ** -0.5, q.shape[1] != k.shape[1], block_elements)[0]
+
+
+def _qkv(kv_heads=H, rows=S):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, h, rows, D, generator=g, dtype=torch.float64, requires_grad=True)
+            for h in (H, kv_heads, kv_heads)]
+
+
+# Mask builders as models write them: each takes [B, S] int tensors, returns a mask.
+def causal_and_documents(ids, positions):
+    q, k = positions[:, None, :, None], positions[:, None, None, :]
+    docs = (torch.diff(positions, prepend=positions[:, :1] - 1) != 1).cumsum(-1)
+    return ((k <= q) & (docs[:, None, :, None] == docs[:, None, None, :])).expand(B, 1, -1, -1),
+
+
+def key_padding_bidirectional(ids, positions):
+    return (ids != 0)[:, None, None, :].expand(B, 1, ids.shape[1], ids.shape[1]),
+
+
+def sliding_window_additive(ids, positions):
+    i = torch.arange(ids.shape[1])
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+    return torch.zeros(ids.shape[1], ids.shape[1], dtype=torch.float64).masked_fill(~allowed, float("-inf")),
+
+
+def tril_and_eye(ids, positions):
+    n = ids.shape[1]
+    keep = torch.tril(torch.ones(n, n, dtype=torch.bool)) & (ids != 0)[:, None, None, :]
+    return keep | torch.eye(n, dtype=torch.bool),
+
+
+def float_bias_from_bool(ids, positions):
+    n = ids.shape[1]
+    causal = torch.ones(n, n).triu(1).bool()
+    return torch.where(causal, torch.finfo(torch.float32).min, 0.0).to(torch.float64)[None, None],
+
+
+BUILDERS = [causal_and_documents, key_padding_bidirectional, sliding_window_additive, tril_and_eye,
+            float_bias_from_bool]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 9, (B, S), generator=g)
+    ids[0, -3:] = 0  # padding
+    positions = torch.cat([torch.arange(4), torch.arange(S - 4)]).expand(B, S).clone()
+    return ids, positions
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("block_elements", [1, B * H * S * 3, 0])
+def test_factored_mask_attention_equals_sdpa_with_the_dense_mask(builder, block_elements):
+    gm, symbol, mask, values, dense = _capture(builder, *_batch())
+    factored = masks.factor(mask, symbol)
+    assert all(len(seq_dims(example_value(leaf), symbol)) <= 1 for leaf in factored.leaves)
+    q, k, v = _qkv()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    out = _attention(q, k, v, factored, values, block_elements)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), grad),
+                               torch.autograd.grad(ref, (q, k, v), grad), rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_query_heads_and_padded_queries_and_keys():
+    """kv heads shared by groups of query heads; rows past ``length`` are padding: zeros out,
+    zero grads, and keys past it never attended."""
+    gm, symbol, mask, values, dense = _capture(causal_and_documents, *_batch())
+    factored = masks.factor(mask, symbol)
+    q, k, v = _qkv(kv_heads=1, rows=S + 3)
+    with torch.no_grad():
+        k[:, :, S:] = 1e3  # padded keys that would dominate if attended
+    out = _attention(q, k, v, factored, values, 5)
+    ref = F.scaled_dot_product_attention(q[:, :, :S], k[:, :, :S], v[:, :, :S], attn_mask=dense, enable_gqa=True)
+    torch.testing.assert_close(out[:, :, :S], ref, rtol=1e-12, atol=1e-12)
+    assert out[:, :, S:].eq(0).all()
+    dq, dk, _ = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dq[:, :, S:].eq(0).all() and dk[:, :, S:].eq(0).all()
+
+
+def test_a_swapped_query_and_key_dim_is_caught():
+    """Negative control for the check above: blocks that slice each leaf along its key dim."""
+    gm, symbol, mask, values, dense = _capture(causal_and_documents, *_batch())
+    factored = masks.factor(mask, symbol)
+    q_dims, ops = parse(factored.program)
+    seq = [next((d for d, n in enumerate(values[leaf].shape) if n == S), -1) for leaf in factored.leaves]
+    swapped = program_of([-1 if q >= 0 else d for q, d in zip(q_dims, seq)], ops)
+    assert swapped != factored.program
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="does not broadcast to the scores"):
+        _attention(q, k, v, masks.FactoredMask(factored.leaves, swapped, []), values, 1)
+
+
+# --- whole models through the verifier ----------------------------------------------------------
+
+ONE_ROW = autosp_impl("aot_eager", attention_block_elements=1)
+
+
+class _GraphAfterPasses:
+    """An inner backend that keeps the graph autosp hands it (after the passes)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_olmo2_padded", "hf_qwen3_packed"])
+def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
+    fixture = importlib.import_module(f"fixtures.{name}")
+    torch.manual_seed(0)
+    model = fixture.model_fn()
+    batch = fixture.inputs_fn(2, 13, torch.Generator().manual_seed(0))
+    keep = _GraphAfterPasses()
+    autosp.COUNTERS.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask kept whole warns
+        autosp.compile(model, config=autosp.SPConfig(backend=keep)).warm_up(4, **batch)
+    layers = model.config.num_hidden_layers
+    assert autosp.COUNTERS["masked_attention"] == layers and autosp.COUNTERS["dense_mask"] == 0
+    (gm,) = keep.graphs
+    symbol = find_sequence(gm, 1).symbol
+    squared = [n.name for n in gm.graph.nodes if len(seq_dims(example_value(n), symbol)) > 1]
+    assert squared == []
+
+
+@pytest.mark.parametrize("name", ["hf_olmo2_padded", "hf_qwen3_packed"])
+@pytest.mark.parametrize("world_size,seq_len", [(2, 16), (3, 13), (4, 11)])
+def test_padded_and_packed_hf_models_are_exact_with_one_row_blocks(name, world_size, seq_len):
+    result = verify_file(f"{FIXTURES}/{name}.py", impl=ONE_ROW, world_size=world_size, seq_len=seq_len)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+
+
+class _InputMaskLM(nn.Module):
+    """Attention under a [B, 1, S, S] mask the caller passes: it cannot be made O(S)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Embedding(16, 8), nn.Linear(8, 24), nn.Linear(8, 16)
+
+    def forward(self, input_ids, labels, attention_mask):
+        x = self.embed(input_ids)
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None].bool())
+        logits = self.head(a.transpose(1, 2).reshape(x.shape))
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+def _square_mask_inputs(batch, seq_len, generator):
+    ids = torch.randint(0, 16, (batch, seq_len), generator=generator)
+    keep = torch.rand(batch, seq_len, seq_len, generator=generator) < 0.7
+    return {"input_ids": ids, "labels": ids, "attention_mask": keep | torch.eye(seq_len, dtype=torch.bool)}
+
+
+def test_a_mask_the_model_is_given_whole_is_exact_and_said():
+    autosp.COUNTERS.clear()
+    with pytest.warns(UserWarning, match=r"holds an \[S, S\] mask whole on every rank \(the mask comes whole from"):
+        result = verify(_InputMaskLM, _square_mask_inputs, impl="autosp", world_size=2, seq_len=9)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    assert autosp.COUNTERS["dense_mask"] >= 1
