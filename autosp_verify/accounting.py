@@ -47,9 +47,12 @@ Activation memory (``memory``)
     padding), and a tensor whose shape changes in exactly one dim is sequence-long (activations,
     q/k/v after the all-to-all); in two dims *sequence-squared* ([.., S, S] masks and scores:
     Ulysses keeps the whole [S, S] of a head-broadcast mask on every rank, so 1/P is not its
-    ideal); no dim: other. ``ratio`` is the largest rank's sequence-long bytes over the
-    single-device ones, next to the ideal 1/P; the total ratio is reported too. When P does not
-    divide S every rank holds L = ceil(S/P) positions, so the ideal is L/S (above 1/P).
+    ideal); no dim: other. ``ratio`` (the table's column) is the largest rank's sequence-long
+    bytes, sequence-squared ones included, over the single-device ones, next to the ideal 1/P;
+    ``activation_ratio`` counts the sequence-long ones alone, ``seq2_ratio`` the squared ones
+    alone, ``rank_seq2_bytes`` is the largest rank's squared bytes (the table marks a row whose
+    ranks hold any), and ``total_ratio`` counts every saved tensor. When P does not divide S every
+    rank holds L = ceil(S/P) positions, so the ideal is L/S (above 1/P).
 
 Compile time (``compile_s``, opt-in: ``compile_time=True`` / ``--compile-time``)
     Seconds for ``autosp.compile(model, backend=X).warm_up(P, **batch)`` (Dynamo, the passes,
@@ -350,8 +353,11 @@ def _memory(spec, base, batch, batch2, rank_data, rank_data2):
     out["total_ratio"] = max(out["rank_bytes"]) / out["reference_bytes"] if out["reference_bytes"] else None
     if ref is not None and ranks and all(r is not None for r in ranks):
         out["reference"], out["ranks"] = ref, ranks
-        out["ratio"] = max(r["seq"] for r in ranks) / ref["seq"] if ref["seq"] else None
+        seq_long = [r["seq"] + r["seq2"] for r in ranks]  # [S, S] tensors are sequence-long too
+        out["ratio"] = max(seq_long) / (ref["seq"] + ref["seq2"]) if ref["seq"] + ref["seq2"] else None
+        out["activation_ratio"] = max(r["seq"] for r in ranks) / ref["seq"] if ref["seq"] else None
         out["seq2_ratio"] = max(r["seq2"] for r in ranks) / ref["seq2"] if ref["seq2"] else None
+        out["rank_seq2_bytes"] = max(r["seq2"] for r in ranks)
     else:
         out["ratio"] = None
         out["note"] = ("sequence-long tensors not told apart: " +

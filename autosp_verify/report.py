@@ -93,7 +93,9 @@ def _bytes(n):
 
 
 def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
-    """a2a/ar (min), sent/rank (min)[, mem/rank (1/P)][, compile s (no SP)]: measured (ideal)."""
+    """a2a/ar (min), sent/rank (min)[, mem/rank (1/P)][, compile s (no SP)]: measured (ideal).
+    mem/rank counts every sequence-long saved tensor, [S, S] ones included ("+[S,S]": a rank
+    holds some)."""
     acc = c.accounting or {}
     coll, mem = acc.get("collectives") or {}, acc.get("memory") or {}
     low, got = coll.get("minimum"), coll.get("measured")
@@ -101,7 +103,8 @@ def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
     cells = [f"{kinds} ({low['all_to_all']}/{low['all_reduce']})" if low else "-",
              f"{'-' if got is None else _bytes(got['bytes_sent'])} ({_bytes(low['bytes_sent'])})" if low else "-"]
     if memory_column:
-        cells.append("-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f})")
+        squared = " +[S,S]" if mem.get("rank_seq2_bytes") else ""  # a rank holds tensors quadratic in S
+        cells.append("-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f}){squared}")
     if compile_column:
         times = acc.get("compile_s")
         cells.append("-" if not times else f"{times['with_passes']:.1f} ({times['without']:.1f})")

@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import autosp
@@ -20,6 +19,7 @@ from autosp.passes.layout import example_value, find_sequence, seq_dims
 from autosp_verify import verify, verify_file
 from autosp_verify.impls import autosp_impl
 
+from tests.verify import square_mask_model
 from .test_collective_counts import FIXTURES
 
 S, B, H, D = 11, 2, 3, 4
@@ -190,30 +190,11 @@ def test_padded_and_packed_hf_models_are_exact_with_one_row_blocks(name, world_s
     assert result.passed, (result.status, result.error, result.failures[:5])
 
 
-class _InputMaskLM(nn.Module):
-    """Attention under a [B, 1, S, S] mask the caller passes: it cannot be made O(S)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.qkv, self.head = nn.Embedding(16, 8), nn.Linear(8, 24), nn.Linear(8, 16)
-
-    def forward(self, input_ids, labels, attention_mask):
-        x = self.embed(input_ids)
-        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None].bool())
-        logits = self.head(a.transpose(1, 2).reshape(x.shape))
-        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
-
-
-def _square_mask_inputs(batch, seq_len, generator):
-    ids = torch.randint(0, 16, (batch, seq_len), generator=generator)
-    keep = torch.rand(batch, seq_len, seq_len, generator=generator) < 0.7
-    return {"input_ids": ids, "labels": ids, "attention_mask": keep | torch.eye(seq_len, dtype=torch.bool)}
-
-
 def test_a_mask_the_model_is_given_whole_is_exact_and_said():
     autosp.COUNTERS.clear()
-    with pytest.warns(UserWarning, match=r"holds an \[S, S\] mask whole on every rank \(the mask comes whole from"):
-        result = verify(_InputMaskLM, _square_mask_inputs, impl="autosp", world_size=2, seq_len=9)
+    with pytest.warns(UserWarning, match=r"holds an \[S, S\] mask whole on every rank \(cdist .* is not an op the mask can "
+                                         r"be rebuilt with; the mask comes whole from l_attention_mask_"):
+        result = verify(square_mask_model.model_fn, square_mask_model.inputs_fn, impl="autosp", world_size=2,
+                        seq_len=9)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert autosp.COUNTERS["dense_mask"] >= 1

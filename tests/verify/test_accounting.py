@@ -99,6 +99,21 @@ def test_a_replicated_impl_holds_everything_and_counts_nothing():
     assert abs(sharded["ratio"] - 0.5) <= 0.05
 
 
+def test_the_memory_column_counts_masks_and_marks_a_rank_holding_one():
+    """One device (compiled, as HF under torch.compile) holds a bool [B, 1, S, S] mask; autosp's
+    ranks hold none, and the column's ratio counts it on both sides. Negative control: a mask the
+    caller passes whole is held by every rank: the row says "+[S,S]"."""
+    padded = _case(os.path.join(HERE, "..", "..", "fixtures", "hf_olmo2_padded.py"), "autosp", 2, 24, memory=True)
+    mem = padded.accounting["memory"]
+    assert padded.status == "pass" and mem["reference"]["seq2"] > 0 and mem["rank_seq2_bytes"] == 0
+    with_masks = max(r["seq"] + r["seq2"] for r in mem["ranks"]) / (mem["reference"]["seq"] + mem["reference"]["seq2"])
+    assert mem["ratio"] == with_masks <= 1.15 / 2
+    assert "+[S,S]" not in format_table([padded])
+    whole = _case(os.path.join(HERE, "square_mask_model.py"), "autosp", 2, 24, memory=True)
+    assert whole.status == "pass" and whole.accounting["memory"]["rank_seq2_bytes"] > 0
+    assert "+[S,S]" in format_table([whole])
+
+
 def test_report_dir_writes_json_and_a_png(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main([TINY, "--impl", ulysses(), "--world-size", "2,4", "--report", str(out)]) == 0
