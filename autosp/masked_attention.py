@@ -98,6 +98,35 @@ def program_of(q_dims: list[int], ops: list) -> str:
     return json.dumps({"q_dims": list(q_dims), "ops": ops})
 
 
+class ProgramBuilder:
+    """Writes a program over ``len(q_dims)`` leaves (values 0..n-1, each with its query dim):
+    ``emit`` adds an op and returns a reference to its value."""
+
+    def __init__(self, q_dims: list[int]):
+        self.q_dims, self.ops, self._positions = list(q_dims), [], {}
+
+    @staticmethod
+    def leaf(i: int) -> dict:
+        return {"ref": i}
+
+    def emit(self, op: str, args: list, kwargs: dict | None = None) -> dict:
+        self.ops.append([op, args, kwargs or {}])
+        return {"ref": len(self.q_dims) + len(self.ops) - 1}
+
+    def positions(self, which: str) -> dict:
+        """The block's query ("rows", [Bq, 1]) or key ("cols", [1, S]) positions, made once."""
+        if which not in self._positions:
+            self._positions[which] = self.emit(which, [])
+        return self._positions[which]
+
+    def program(self, result: dict | None = None) -> str:
+        """The program whose mask is ``result`` (default: the last value)."""
+        last = len(self.q_dims) + len(self.ops) - 1
+        if result is not None and result["ref"] != last:
+            self.emit("identity", [result])
+        return program_of(self.q_dims, self.ops)
+
+
 @dataclass(frozen=True)
 class Block:
     """Query rows ``start:stop`` of a mask over ``length`` keys."""

@@ -4,9 +4,11 @@ sharded block runs on the full sequence with this rank's share of the heads.
 q, k and v arrive as this rank's sequence chunk ``[B, H, local_len, D]``; an all-to-all (autosp's
 ``seq_to_head``, with autograd) makes them ``[B, ceil(H/P), padded_len, D]``; attention runs there;
 ``head_to_seq`` brings the output back. Head counts P does not divide are padded with zero heads;
-grouped kv heads that do not split evenly are repeated to the query heads first. Sequence padding
-(the last positions of ``padded_len``) is masked as keys; padded query rows attend to everything so
-they stay finite, and are dropped when the block's output is gathered.
+grouped kv heads that do not split evenly are repeated to the query heads first. With no mask, no
+segments and no sequence padding, torch's attention runs as called; otherwise
+``autosp::masked_attention`` applies the model's mask (sliced per block of query rows, never
+copied or padded), a block adapter's segments (O(S) ids: images attend within themselves) and
+causality (from positions), and never attends padded keys; padded query rows give zeros.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from autosp import collectives
 from autosp.errors import AutoSPError
+from autosp.masked_attention import (DEFAULT_BLOCK_ELEMENTS, Block, ProgramBuilder, default_scale, evaluate,
+                                     program_of)
 from autosp.multimodal.ops import SeqLayout, group_key, pad_to
 
 
@@ -31,7 +35,7 @@ class BlockContext:
     layout: SeqLayout
     group: dist.ProcessGroup
     causal_hint: bool = False             # the block's attention module says it is causal
-    extra_mask: torch.Tensor | None = None  # [S, S] bool, from a block adapter (e.g. image boundaries)
+    segments: torch.Tensor | None = None  # [S] ids from a block adapter: attend within a segment (images)
     seq_dim: int | None = None             # the sequence dim of the block's hidden states
     hidden_ndim: int | None = None
     sdpa_calls: int = field(default=0)
@@ -83,29 +87,54 @@ def _refuse_sequence_mixing(ctx: BlockContext, func, args, kwargs) -> None:
                               "positions; AutoSP cannot shard this layer exactly")
 
 
-def _key_padding_mask(layout: SeqLayout, device) -> torch.Tensor:
-    """[S_pad, S_pad] bool: real keys for real queries; padded query rows see every key."""
-    idx = torch.arange(layout.padded_len, device=device)
-    return (idx[None, :] < layout.length) | (idx[:, None] >= layout.length)
-
-
-def _full_mask(mask: torch.Tensor, layout: SeqLayout, heads_per_rank: int, num_heads: int) -> torch.Tensor:
-    """A mask given for the full sequence, padded to ``padded_len`` and cut to this rank's heads."""
+def _rank_mask(mask: torch.Tensor, layout: SeqLayout, heads_per_rank: int, num_heads: int) -> torch.Tensor:
+    """A mask given for the full sequence, cut to this rank's heads (a per-head mask)."""
     if mask.shape[-1] != layout.length or (mask.dim() >= 2 and mask.shape[-2] not in (1, layout.length)):
         raise AutoSPError(
             f"attention mask of shape {tuple(mask.shape)} inside a sharded block: expected one for the full "
             f"sequence (last dims [{layout.length}, {layout.length}]); a mask built inside the layer from "
             "the local length cannot be used")
-    padded = _pad_mask(mask, layout)
-    if padded.dim() == 4 and padded.shape[1] == num_heads and num_heads > 1:
-        padded = pad_to(padded, 1, heads_per_rank * layout.world_size)
-        padded = padded.narrow(1, layout.rank * heads_per_rank, heads_per_rank)
-    return padded
+    if mask.dim() == 4 and mask.shape[1] == num_heads and num_heads > 1:
+        mask = pad_to(mask, 1, heads_per_rank * layout.world_size)
+        mask = mask.narrow(1, layout.rank * heads_per_rank, heads_per_rank)
+    return mask
 
 
-def _pad_mask(mask: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
-    """A full-sequence mask (bool or additive) padded to ``padded_len``: padded keys masked, padded
-    query rows allowed every key (so they stay finite)."""
+def _mask_program(mask, segments, is_causal: bool) -> tuple[list, str | None]:
+    """(leaves, program) of the mask attention applies: the model's mask, the block adapter's
+    segments (positions attend within their segment), causality; None when there is none. Never
+    an [S, S] tensor beyond the one the model passed."""
+    leaves, q_dims = [], []
+    if mask is not None:
+        leaves.append(mask)
+        q_dims.append(mask.dim() - 2 if mask.dim() >= 2 and mask.shape[-2] != 1 else -1)
+    if segments is not None:
+        leaves += [segments[:, None], segments[None, :]]
+        q_dims += [0, -1]
+    program = ProgramBuilder(q_dims)
+    value = program.leaf(0) if mask is not None else None
+    boolean = mask is None or mask.dtype == torch.bool
+    allowed = []
+    if segments is not None:
+        allowed.append(program.emit("eq", [program.leaf(len(leaves) - 2), program.leaf(len(leaves) - 1)]))
+    if is_causal:
+        allowed.append(program.emit("le", [program.positions("cols"), program.positions("rows")]))
+    for a in allowed:
+        if value is None or boolean:
+            value = a if value is None else program.emit("and", [value, a])
+        else:  # an additive mask: what is not allowed gets -inf
+            value = program.emit("where", [a, value, {"float": "-inf"}])
+    if value is None:
+        return leaves, None
+    return leaves, program.program(value)
+
+
+def _dense(leaves, program, layout: SeqLayout, device) -> torch.Tensor:
+    """The whole mask over the padded sequence (padded keys masked, padded query rows allowed
+    every key so they stay finite): only for attention dropout, which the blockwise op lacks."""
+    mask = evaluate(program, leaves, Block(0, layout.length, layout.length, device)) if program else None
+    if mask is None:
+        mask = torch.ones(layout.length, dtype=torch.bool, device=device)
     masked, allowed = (False, True) if mask.dtype == torch.bool else (float("-inf"), 0.0)
     padded = pad_to(mask, -1, layout.padded_len, masked)
     return padded if mask.dim() == 1 or mask.shape[-2] == 1 else pad_to(padded, -2, layout.padded_len, allowed)
@@ -136,29 +165,21 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
     gkey = group_key(ctx.group)
     q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world) for t in (query, key, value))
     heads_per_rank = q.shape[1]
-    mask = None if attn_mask is None else _full_mask(attn_mask, layout, heads_per_rank, num_heads)
-    if ctx.extra_mask is not None:
-        extra = _pad_mask(ctx.extra_mask, layout)
-        mask = extra if mask is None else _combine(mask, extra)
-    if layout.padded_len != layout.length:
-        pad_mask = _key_padding_mask(layout, q.device)
-        if is_causal:
-            pad_mask = pad_mask & torch.ones_like(pad_mask).tril()
-            is_causal = False
-        mask = pad_mask if mask is None else _combine(mask, pad_mask)
-    elif is_causal and mask is not None:
-        mask = _combine(mask, torch.ones(layout.length, layout.length, dtype=torch.bool, device=q.device).tril())
-        is_causal = False
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                         scale=scale, enable_gqa=enable_gqa)
+    mask = None if attn_mask is None else _rank_mask(attn_mask, layout, heads_per_rank, num_heads)
+    padded = layout.padded_len != layout.length
+    if mask is None and ctx.segments is None and not padded:  # torch's kernels, is_causal or not
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
+        return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
+    leaves, program = _mask_program(mask, ctx.segments, is_causal)
+    if dropout_p:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(leaves, program, layout, q.device),
+                                             dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+    else:
+        out = torch.ops.autosp.masked_attention(
+            q, k, v, leaves, program or program_of([], []), layout.length,
+            scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS)[0]
     return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
-
-
-def _combine(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``mask`` further restricted to the positions ``allowed`` (bool) permits."""
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, float("-inf"))
 
 
 class UlyssesSPViTAttention(nn.Module):

@@ -28,12 +28,13 @@ from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model
 from autosp.multimodal.fusion import adapter_for
 from autosp.multimodal.ulysses import BlockContext, UlyssesMode
 
-BLOCK_ADAPTERS = {}  # block class name -> fn(kwargs, layout) -> extra [S, S] bool mask or None
+BLOCK_ADAPTERS = {}  # block class name -> fn(kwargs, layout) -> [S] segment ids or None
 
 
 def register_block_adapter(class_name: str):
     """Decorator: ``fn(kwargs, layout)`` rewrites a block's kwargs in place before it runs sharded
-    and returns an extra attention mask for the full sequence ([S, S] bool, True = may attend)."""
+    and returns segment ids for the full sequence ([S] ints: a position attends only to positions
+    of its own segment), or None. O(S): attention rebuilds the mask per block of query rows."""
     def register(fn):
         BLOCK_ADAPTERS[class_name] = fn
         return fn
@@ -43,7 +44,7 @@ def register_block_adapter(class_name: str):
 @register_block_adapter("Qwen2VLVisionBlock")
 def _qwen2_vl_vision(kwargs, layout):
     # Its attention splits q/k/v by the images' lengths (cu_seqlens) along the sequence; here the
-    # chunk is one piece and the images' boundaries become a block-diagonal mask.
+    # chunk is one piece and each image is a segment (attention stays within an image).
     cu = kwargs.get("cu_seqlens")
     if cu is None:
         return None
@@ -52,7 +53,7 @@ def _qwen2_vl_vision(kwargs, layout):
     kwargs["cu_seqlens"] = torch.tensor([0, layout.local_len], dtype=cu.dtype, device=cu.device)
     if "max_seqlen" in kwargs:
         kwargs["max_seqlen"] = layout.local_len
-    return image[:, None] == image[None, :]
+    return image
 
 
 class _SPState:
@@ -116,14 +117,14 @@ def _block_pre_hook(state: _SPState, name: str, causal: bool):
             chunk = ops.shard(hidden, seq_dim, layout)
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or where != "kwarg"}
         adapter = BLOCK_ADAPTERS.get(type(module).__name__)
-        extra_mask = adapter(kwargs, layout) if adapter else None
+        segments = adapter(kwargs, layout) if adapter else None
         kwargs = {k: _shard_value(v, k, layout) for k, v in kwargs.items()}
         rest = tuple(_shard_value(v, None, layout) for v in args[1:]) if where == "arg" else args
         if where == "arg":
             args = (chunk, *rest)
         else:
             kwargs["hidden_states"] = chunk
-        context = BlockContext(name, layout, state.group, causal_hint=causal, extra_mask=extra_mask,
+        context = BlockContext(name, layout, state.group, causal_hint=causal, segments=segments,
                                seq_dim=seq_dim, hidden_ndim=hidden.dim())
         mode = UlyssesMode(context)
         mode.__enter__()

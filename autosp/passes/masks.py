@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from autosp.masked_attention import program_of
+from autosp.masked_attention import ProgramBuilder, program_of
 from autosp.passes.layout import example_value, seq_dims, size_expr
 
 Q, K = "q", "k"
@@ -171,23 +171,12 @@ def _dtype_of(node) -> torch.dtype | None:
     return None
 
 
-class _Program:
-    """The ops of a program as they are added; ``ref`` of a node is its value's index."""
+class _Program(ProgramBuilder):
+    """A program replaying graph nodes; ``refs`` maps each node added to its value's index."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves, q_dims):
+        super().__init__(q_dims)
         self.refs = {leaf: i for i, leaf in enumerate(leaves)}
-        self.ops, self.first = [], len(leaves)
-        self._positions = {}
-
-    def emit(self, op, args, kwargs=None) -> dict:
-        self.ops.append([op, args, kwargs or {}])
-        return {"ref": self.first + len(self.ops) - 1}
-
-    def positions(self, which: str) -> dict:
-        """The block's query ("rows") or key ("cols") positions, made once."""
-        if which not in self._positions:
-            self._positions[which] = self.emit(which, [])
-        return self._positions[which]
 
     def encode(self, arg):
         return _encode(arg, self.refs)
@@ -304,10 +293,7 @@ def _factor(mask, symbol) -> FactoredMask:
     q_dims = [_check_dims(leaf, roles[leaf], symbol) for leaf in leaves]
     for node in region:
         _check_dims(node, roles[node], symbol)
-    program = _Program(leaves)
+    program = _Program(leaves, q_dims)
     for node in region:
         program.add(node, roles[node])
-    last = program.refs[mask]
-    if last != program.first + len(program.ops) - 1:  # the mask is a leaf or an earlier value
-        program.emit("identity", [{"ref": last}])
-    return FactoredMask(leaves, program_of(q_dims, program.ops), region, whole)
+    return FactoredMask(leaves, program.program({"ref": program.refs[mask]}), region, whole)
