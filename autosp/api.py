@@ -11,9 +11,6 @@ from autosp.backend import backend_for
 from autosp.config import SPConfig
 from autosp.errors import AutoSPError
 
-GROUP_KEY = "autosp"
-
-
 def _mark(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
     """A new alias of ``t`` with its sequence dim marked dynamic (the caller's tensor is untouched)."""
     if t.dim() <= seq_dim:
@@ -76,13 +73,13 @@ class CompiledSP:
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)
         self._compile_kwargs = compile_kwargs
-        self._compiled = {}  # group size -> torch.compile'd model
+        self._compiled = {}  # group key -> torch.compile'd model
 
-    def _for_size(self, size: int):
-        if size not in self._compiled:
-            backend = backend_for(self.config, size, GROUP_KEY)
-            self._compiled[size] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
-        return self._compiled[size]
+    def _for_group(self, key: str, size: int):
+        if key not in self._compiled:
+            backend = backend_for(self.config, size, key)
+            self._compiled[key] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
+        return self._compiled[key]
 
     def _mark_inputs(self, args, kwargs):
         seq_dim, names = self.config.seq_dim, self.config.sequence_inputs
@@ -123,7 +120,7 @@ class CompiledSP:
             dist.destroy_process_group()
 
     def _call(self, group, args, kwargs):
-        collectives.register_group(GROUP_KEY, group, thread_local=True)
+        key = collectives.group_key(group)
         args, kwargs, length = self._mark_inputs(args, kwargs)
         size = dist.get_world_size(group)
         if length is not None and length % size and self.config.padding == "error":
@@ -132,7 +129,7 @@ class CompiledSP:
         try:
             # No duck sizing: another dynamic dim equal to the length must not share its symbol.
             with fx_config.patch(use_duck_shape=False):
-                return self._for_size(size)(*args, **kwargs)
+                return self._for_group(key, size)(*args, **kwargs)
         except BackendCompilerFailed as e:
             if isinstance(e.inner_exception, AutoSPError):
                 raise e.inner_exception.with_traceback(None) from None

@@ -24,9 +24,9 @@ _BACKENDS: dict = {}
 
 
 def backend_for(config: SPConfig, world_size: int | None = None, group_key: str = collectives.WORLD):
-    """The backend for this config and group size, made once: Dynamo reuses a compiled graph
-    only with the same backend object, and then across ranks, threads and model instances of
-    the same architecture. The group size is part of the key because the graph depends on it."""
+    """The backend for this config and group, made once: Dynamo reuses a compiled graph only with
+    the same backend object, and then across ranks, threads and model instances of the same
+    architecture. The group (its key: its ranks) is part of the key because the graph names it."""
     key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
            config.checkpointing, config.checkpoint_min_bytes, config.attention_block_elements,
            world_size, group_key)
@@ -37,7 +37,7 @@ def backend_for(config: SPConfig, world_size: int | None = None, group_key: str 
 
 def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
     def autosp_backend(gm: torch.fx.GraphModule, example_inputs):
-        group = config.resolve_group() if group_key == collectives.WORLD else collectives.resolve_group(group_key)
+        group = collectives.resolve_group(group_key)
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug,
                          block_elements=config.attention_block_elements)

@@ -67,6 +67,8 @@ class SPConfig:
             raise AutoSPError(f"seq_dim must be a non-negative int, got {self.seq_dim!r}")
         if self.group is not None and self.mesh is not None:
             raise AutoSPError("give either group or mesh, not both")
+        if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
+            raise AutoSPError(f"group must be a torch.distributed.ProcessGroup, got {type(self.group).__name__}")
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise AutoSPError(f"backend must be a name or a callable, got {self.backend!r}")
         from autosp.checkpointing import CHECKPOINTING, SELECTIVE_BACKENDS

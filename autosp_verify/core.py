@@ -203,7 +203,8 @@ def rank_fn(ctx, payload):
     for probe in probes:
         probe.after_forward(loss, outputs)
     try:
-        grads = _grads(loss, [(names.get(id(p), n), p) for n, p in trainable(model)])
+        named = [(names.get(id(p), n), p) for n, p in trainable(model)]
+        grads = ctx.on_other_thread(lambda: _grads(loss, named))  # as CUDA's autograd runs it
     except Exception as exc:
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},

@@ -9,7 +9,6 @@ from autosp.multimodal.detect import (
                                       register_attention,
                                       register_projector,
 )
-from autosp.multimodal.ops import SeqLayout
 from autosp.multimodal.ulysses import UlyssesSPViTAttention
 from autosp.multimodal.wrap import (
                                       auto_wrap_model_for_sp,
@@ -18,6 +17,6 @@ from autosp.multimodal.wrap import (
                                       unwrap_model_for_sp,
 )
 
-__all__ = ["SPModelInfo", "SeqLayout", "UlyssesSPViTAttention", "auto_wrap_model_for_sp",
+__all__ = ["SPModelInfo", "UlyssesSPViTAttention", "auto_wrap_model_for_sp",
            "detect_model_sp_info", "register_attention", "register_block_adapter", "register_projector",
            "sp_info", "unwrap_model_for_sp"]

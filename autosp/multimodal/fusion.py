@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from autosp import collectives
 from autosp.errors import AutoSPError
-from autosp.multimodal import ops
 
 IGNORE_INDEX = -100
 
@@ -80,7 +79,7 @@ class ModalityFusionSPAdapter:
             raise AutoSPError(f"{type(self).__name__}: labels {tuple(labels.shape)} do not match the fused "
                               f"sequence of {layout.length} positions")
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        local = ops.shard(shifted, 1, layout, IGNORE_INDEX)
+        local = collectives.shard_chunk(shifted, 1, layout, self.state.group, IGNORE_INDEX)
         count = (shifted != IGNORE_INDEX).sum()
         loss_function = getattr(model, "loss_function", None)
         if loss_function is not None:
@@ -89,7 +88,7 @@ class ModalityFusionSPAdapter:
         else:
             part = F.cross_entropy(logits.flatten(0, 1), local.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum") / count
-        return collectives.group_sum(part, ops.group_key(self.state.group))
+        return collectives.group_sum(part, collectives.group_key(self.state.group))
 
 
 class LlavaFusionAdapter(ModalityFusionSPAdapter):

@@ -22,17 +22,17 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from autosp import collectives
+from autosp.collectives import ChunkLayout, kv_repeats, pad_to
 from autosp.errors import AutoSPError
 from autosp.masked_attention import (DEFAULT_BLOCK_ELEMENTS, Block, ProgramBuilder, default_scale, evaluate,
                                      program_of)
-from autosp.multimodal.ops import SeqLayout, group_key, pad_to
 
 
 @dataclass
 class BlockContext:
     """What the attention inside one running block needs to know."""
     name: str
-    layout: SeqLayout
+    layout: ChunkLayout
     group: dist.ProcessGroup
     causal_hint: bool = False             # the block's attention module says it is causal
     segments: torch.Tensor | None = None  # [S] ids from a block adapter: attend within a segment (images)
@@ -87,7 +87,7 @@ def _refuse_sequence_mixing(ctx: BlockContext, func, args, kwargs) -> None:
                               "positions; AutoSP cannot shard this layer exactly")
 
 
-def _rank_mask(mask: torch.Tensor, layout: SeqLayout, heads_per_rank: int, num_heads: int) -> torch.Tensor:
+def _rank_mask(mask: torch.Tensor, layout: ChunkLayout, heads_per_rank: int, num_heads: int) -> torch.Tensor:
     """A mask given for the full sequence, cut to this rank's heads (a per-head mask)."""
     if mask.shape[-1] != layout.length or (mask.dim() >= 2 and mask.shape[-2] not in (1, layout.length)):
         raise AutoSPError(
@@ -129,7 +129,7 @@ def _mask_program(mask, segments, is_causal: bool) -> tuple[list, str | None]:
     return leaves, program.program(value)
 
 
-def _dense(leaves, program, layout: SeqLayout, device) -> torch.Tensor:
+def _dense(leaves, program, layout: ChunkLayout, device) -> torch.Tensor:
     """The whole mask over the padded sequence (padded keys masked, padded query rows allowed
     every key so they stay finite): only for attention dropout, which the blockwise op lacks."""
     mask = evaluate(program, leaves, Block(0, layout.length, layout.length, device)) if program else None
@@ -152,17 +152,14 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
         warnings.warn(f"{ctx.name}: attention dropout {dropout_p} under sequence parallelism draws other "
                       "random numbers than one device; results are not comparable", stacklevel=3)
     num_heads, kv_heads = query.shape[1], key.shape[1]
-    if kv_heads != num_heads:
-        if num_heads % world or kv_heads % world:
-            # grouped kv heads must land on the rank of their query heads: repeat them to match
-            key = key.repeat_interleave(num_heads // kv_heads, dim=1)
-            value = value.repeat_interleave(num_heads // kv_heads, dim=1)
-        else:
-            enable_gqa = True
+    # grouped kv heads must land on the rank of their query heads: the passes' policy
+    repeats, enable_gqa = kv_repeats(num_heads, kv_heads, world, enable_gqa or kv_heads != num_heads)
+    if repeats > 1:
+        key, value = (t.repeat_interleave(repeats, dim=1) for t in (key, value))
     if (ctx.causal_hint and attn_mask is None and not is_causal and layout.local_len == 1
             and layout.length > 1):
         is_causal = True  # HF decides "causal" from the query length, which is the local one here
-    gkey = group_key(ctx.group)
+    gkey = collectives.group_key(ctx.group)
     q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world) for t in (query, key, value))
     heads_per_rank = q.shape[1]
     mask = None if attn_mask is None else _rank_mask(attn_mask, layout, heads_per_rank, num_heads)
@@ -188,7 +185,7 @@ class UlyssesSPViTAttention(nn.Module):
     ``attn`` maps hidden states ``[B, S, D]`` to ``[B, S, D]`` (or a tuple whose first item is that)
     and computes attention with ``F.scaled_dot_product_attention``. The wrapper's input is this
     rank's contiguous chunk of the sequence, every rank the same length (shard with
-    ``autosp.multimodal.ops.shard``, which pads the end); pass ``length`` when the chunks are
+    ``autosp.collectives.shard_chunk``, which pads the end); pass ``length`` when the chunks are
     padded. A class token and register tokens are ordinary positions of the sequence: they need
     nothing special, and ``has_cls_token`` is accepted only for DeepSpeed compatibility.
     :func:`auto_wrap_model_for_sp` does not need this class: it shards whole layers in place.
@@ -202,7 +199,7 @@ class UlyssesSPViTAttention(nn.Module):
     def forward(self, hidden_states, *args, length: int | None = None, **kwargs):
         world = dist.get_world_size(self.process_group)
         length = length if length is not None else hidden_states.shape[1] * world
-        layout = SeqLayout.of(length, self.process_group)
+        layout = ChunkLayout.of(length, self.process_group)
         if hidden_states.shape[1] != layout.local_len:
             raise AutoSPError(f"UlyssesSPViTAttention: rank {layout.rank} holds {hidden_states.shape[1]} positions; "
                               f"a sequence of {length} over {world} ranks needs {layout.local_len} each")

@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autosp.errors import AutoSPError
-from autosp.multimodal import ops
+from autosp import collectives
+from autosp.collectives import ChunkLayout
 from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model_sp_info
 from autosp.multimodal.fusion import adapter_for
 from autosp.multimodal.ulysses import BlockContext, UlyssesMode
@@ -87,12 +88,12 @@ def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | Non
     return None
 
 
-def _shard_value(value, name, layout):
+def _shard_value(value, name, layout, group):
     if isinstance(value, torch.Tensor):
         dim = _seq_dim_of(value, layout.length, name)
-        return value if dim is None else ops.shard(value, dim, layout)
+        return value if dim is None else collectives.shard_chunk(value, dim, layout, group)
     if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_shard_value(v, None, layout) for v in value)
+        return type(value)(_shard_value(v, None, layout, group) for v in value)
     return value
 
 
@@ -109,17 +110,17 @@ def _block_pre_hook(state: _SPState, name: str, causal: bool):
     def hook(module, args, kwargs):
         hidden, where = _hidden_of(args, kwargs)
         seq_dim = hidden.dim() - 2
-        layout = ops.SeqLayout.of(hidden.shape[seq_dim], state.group)
+        layout = ChunkLayout.of(hidden.shape[seq_dim], state.group)
         cached = state.chunks.get(id(hidden))
         if cached is not None and cached[0]() is hidden:
             chunk = cached[1]  # the previous layer's own chunk: no re-shard
         else:
-            chunk = ops.shard(hidden, seq_dim, layout)
+            chunk = collectives.shard_chunk(hidden, seq_dim, layout, state.group)
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or where != "kwarg"}
         adapter = BLOCK_ADAPTERS.get(type(module).__name__)
         segments = adapter(kwargs, layout) if adapter else None
-        kwargs = {k: _shard_value(v, k, layout) for k, v in kwargs.items()}
-        rest = tuple(_shard_value(v, None, layout) for v in args[1:]) if where == "arg" else args
+        kwargs = {k: _shard_value(v, k, layout, state.group) for k, v in kwargs.items()}
+        rest = tuple(_shard_value(v, None, layout, state.group) for v in args[1:]) if where == "arg" else args
         if where == "arg":
             args = (chunk, *rest)
         else:
@@ -147,7 +148,7 @@ def _block_post_hook(state: _SPState, name: str):
         if name in state.keep_sharded:
             state.tail_layout = context.layout
             return None
-        full = ops.gather(chunk, context.seq_dim, context.layout, state.group)
+        full = collectives.gather_chunks(chunk, context.seq_dim, context.layout, state.group)
         state.chunks[id(full)] = (weakref.ref(full), chunk)
         return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
     return hook
@@ -157,7 +158,7 @@ def _count_outputs_once(value, state: _SPState):
     if isinstance(value, torch.Tensor):
         if not value.requires_grad or id(value) in state.sharded_outputs:
             return value
-        return ops.count_once(value, state.group)
+        return collectives.count_once(value, state.group)
     if isinstance(value, dict):  # HF ModelOutput too: item assignment updates the attribute
         for key in list(value.keys()):
             value[key] = _count_outputs_once(value[key], state)

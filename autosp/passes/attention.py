@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from autosp.collectives import kv_repeats
 from autosp.errors import AutoSPError
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
@@ -31,17 +32,6 @@ from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_val
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
 MASKED = torch.ops.autosp.masked_attention.default
-
-
-def _kv_repeats(q_heads: int, kv_heads: int, world_size: int, gqa: bool) -> tuple[int, bool]:
-    """How often to repeat each kv head, and whether attention still groups queries (GQA)."""
-    if kv_heads == q_heads or not gqa:
-        return 1, gqa
-    if q_heads % world_size == 0 and kv_heads % world_size == 0:
-        return 1, True
-    if q_heads % world_size == 0 and world_size % kv_heads == 0:
-        return world_size // kv_heads, True
-    return q_heads // kv_heads, False
 
 
 def attention(ctx) -> None:
@@ -56,10 +46,7 @@ def attention(ctx) -> None:
         if q_heads < P:
             raise AutoSPError(f"attention {node.name} has {q_heads} query heads, fewer than the "
                               f"{P} ranks of the sequence-parallel group\n  at {source_line(node)}")
-        gqa = bool(call_arg(node, 7, "enable_gqa", False))
-        repeats, gqa = _kv_repeats(q_heads, kv_heads, P, gqa)
-        if q_heads % P and kv_heads != q_heads:  # padded query heads: kv must pad the same way
-            repeats, gqa = q_heads // kv_heads, False
+        repeats, gqa = kv_repeats(q_heads, kv_heads, P, bool(call_arg(node, 7, "enable_gqa", False)))
         mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))
         mask_value = example_value(mask) if mask is not None else None
         if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:

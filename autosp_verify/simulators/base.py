@@ -13,9 +13,14 @@ rank, and so does the timeout. A simulator that cannot run here raises
 """
 from __future__ import annotations
 
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass
@@ -24,6 +29,28 @@ class RankContext:
     world_size: int
     group: Any  # torch.distributed.ProcessGroup
     device: Any  # torch.device
+    adopt: Callable[[], None] = _nothing  # run on another thread: makes it part of this rank
+
+    def on_other_thread(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on a new thread of this rank (what ``adopt`` sets up), its result or its
+        exception: CUDA's autograd engine runs a backward on a thread of its own, never on the
+        thread that ran the forward, and every simulator runs the backward that way so that
+        nothing can rely on sharing the forward's thread."""
+        outcome = {}
+
+        def body():
+            try:
+                self.adopt()
+                outcome["value"] = fn()
+            except BaseException as exc:  # SystemExit too: the threaded group stops ranks with it
+                outcome["error"] = exc
+        thread = threading.Thread(target=body, name=f"autosp-verify-rank{self.rank}-backward", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.05)  # short waits: an exception raised in this rank's thread still lands
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
-from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world, dynamo_limits
+from autosp_verify.simulators.threaded import _RUN_LOCK, _abandon, _threaded_world, dynamo_limits, rank_adopter
 
 
 COLLECTIVES = "structural_collectives"  # the key in each rank's result dict
@@ -60,7 +60,7 @@ def _run_each(ranks, world_size, rank_fn, payload, events):
     for rank in ranks:
         try:
             dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-            ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"))
+            ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"), rank_adopter())
             events.put((rank, None, rank_fn(ctx, payload)))
         except BaseException as exc:
             events.put((rank, failure_from_exception(rank, exc), None))

@@ -114,7 +114,9 @@ def _child(rank, world_size, backend, init_file, rank_fn, payload, out_dir, time
         # The parent's deadline must fire first, so that a hang reads as a timeout, not a gloo error.
         dist.init_process_group(backend, store=dist.FileStore(init_file, world_size), rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=2 * timeout + 30))
-        value = rank_fn(RankContext(rank, world_size, dist.group.WORLD, device), payload)
+        # A thread of this process is this rank's already; CUDA's current device is per thread.
+        adopt = (lambda: torch.cuda.set_device(device)) if backend == "nccl" else (lambda: None)
+        value = rank_fn(RankContext(rank, world_size, dist.group.WORLD, device, adopt), payload)
         _save(out, {"ok": True, "value": value})
     except BaseException as exc:
         _save(out, {"ok": False, "failure": asdict(failure_from_exception(rank, exc)), "time": time.time(),

@@ -73,6 +73,24 @@ def dynamo_limits() -> dict:
             "accumulated_recompile_limit": config.accumulated_recompile_limit}
 
 
+def rank_adopter(log=None, rank: int | None = None):
+    """Called on a rank's thread: a function that makes another thread part of the same rank, as
+    threads of one process are: the same threaded world (groups, ranks), the same names in c10d's
+    per-thread group registry, the same Dynamo limits, the rank's collective log."""
+    mtpg = _mtpg()
+    data, limits = mtpg.ThreadLocalWorld._world.world, dynamo_limits()
+
+    def adopt():
+        mtpg.ThreadLocalWorld._world.world = data
+        for group, name in list(data.pg_names.items()):
+            torch._C._distributed_c10d._register_process_group(name, group)
+        for key, value in limits.items():
+            setattr(torch._dynamo.config, key, value)
+        if log is not None:
+            log.bind(rank)
+    return adopt
+
+
 def _rank_thread(*args, limits):
     try:
         with torch._dynamo.config.patch(**limits):
@@ -87,7 +105,7 @@ def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout
         world.group_count = run_id  # the default group is named after the run, not "0" every time
         dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout))
-        ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"))
+        ctx = RankContext(rank, world_size, dist.group.WORLD, torch.device("cpu"), rank_adopter(log, rank))
         events.put((rank, None, rank_fn(ctx, payload)))
     except BaseException as exc:  # SystemExit included: the threaded pg uses it to stop ranks
         events.put((rank, failure_from_exception(rank, exc), None))

@@ -1,10 +1,12 @@
 """Negative controls for autosp-wrap (each a bug planted in autosp.multimodal for the duration of a
 test, with pytest's monkeypatch; the threaded simulator runs the ranks in this process), and
 ``UlyssesSPViTAttention`` used by hand (shard, wrapped attention, gather)."""
+import torch
 import torch.nn.functional as F
 
 from autosp import collectives
-from autosp.multimodal import UlyssesSPViTAttention, fusion, ops, ulysses, wrap
+from autosp.collectives import ChunkLayout
+from autosp.multimodal import UlyssesSPViTAttention, fusion, ulysses, wrap
 from autosp.multimodal.fusion import IGNORE_INDEX
 
 
@@ -19,21 +21,26 @@ def local_attention(monkeypatch):
 
 def every_rank_counts(monkeypatch):
     """Replicated outputs' gradients kept on every rank (so summed P times)."""
-    monkeypatch.setattr(ops, "count_once", lambda x, group: x)
+    monkeypatch.setattr(collectives, "count_once", lambda x, group: x)
 
 
-class _OwnGradOnly(ops._Gather):
+class _OwnGradOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, layout, group):
+        ctx.dim, ctx.layout = dim, layout
+        with torch.no_grad():
+            return collectives.gather(x, dim % x.dim(), layout.length, collectives.group_key(group), layout.world_size)
+
     @staticmethod
     def backward(ctx, grad):
         layout = ctx.layout
-        own = ops.pad_to(grad, ctx.dim, layout.padded_len).narrow(ctx.dim, layout.rank * layout.local_len,
-                                                                   layout.local_len)
+        own = collectives.pad_to(grad, ctx.dim, layout.padded_len).narrow(ctx.dim, layout.start, layout.local_len)
         return own, None, None, None
 
 
 def gather_without_reduce(monkeypatch):
     """The gather's backward keeps this rank's own gradient, without the other ranks' parts."""
-    monkeypatch.setattr(ops, "gather", lambda x, dim, layout, group: _OwnGradOnly.apply(x, dim, layout, group))
+    monkeypatch.setattr(collectives, "gather_chunks", lambda x, dim, layout, group: _OwnGradOnly.apply(x, dim, layout, group))
 
 
 def no_image_boundaries(monkeypatch):
@@ -48,11 +55,11 @@ def padding_reaches_loss(monkeypatch):
     """The fusion adapter labels the padding positions with a real token id (0)."""
     def sharded_loss(self, model, logits, labels, layout):
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        local = ops.shard(shifted, 1, layout, 0)  # padding labelled as token 0
+        local = collectives.shard_chunk(shifted, 1, layout, self.state.group, 0)  # padding labelled as token 0
         part = model.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
                                    shift_labels=local,
                                    num_items_in_batch=(shifted != IGNORE_INDEX).sum())
-        return collectives.group_sum(part, ops.group_key(self.state.group))
+        return collectives.group_sum(part, collectives.group_key(self.state.group))
     monkeypatch.setattr(fusion.ModalityFusionSPAdapter, "sharded_loss", sharded_loss)
 
 
@@ -67,8 +74,8 @@ def manual_vit_attention(model, group):
 
     def step(x, labels):
         full = model.embed(x)
-        layout = ops.SeqLayout.of(full.shape[1], group)
-        chunk = attn(ops.shard(full, 1, layout), length=layout.length)
-        hidden = ops.gather(chunk, 1, layout, group)
-        return {"loss": ops.count_once(model.loss(hidden, labels), group)}
+        layout = ChunkLayout.of(full.shape[1], group)
+        chunk = attn(collectives.shard_chunk(full, 1, layout, group), length=layout.length)
+        hidden = collectives.gather_chunks(chunk, 1, layout, group)
+        return {"loss": collectives.count_once(model.loss(hidden, labels), group)}
     return step

@@ -10,7 +10,6 @@ from torch import nn
 
 import autosp
 from autosp import collectives
-from autosp.api import GROUP_KEY
 
 
 def _autosp_step(model, group, after):
@@ -29,14 +28,14 @@ def extra_collective_on_last_rank(model, group):
     """The last rank alone all-reduces a token count: on real hardware it waits for ever."""
     def after(rank, last):
         if last:
-            collectives.group_sum(torch.ones(()), GROUP_KEY)
+            collectives.group_sum(torch.ones(()), collectives.group_key(group))
     return _autosp_step(model, group, after)
 
 
 def other_shape_on_last_rank(model, group):
     """Every rank all-reduces one more tensor, the last rank one of another shape."""
     def after(rank, last):
-        collectives.group_sum(torch.ones(2 if last else 1), GROUP_KEY)
+        collectives.group_sum(torch.ones(2 if last else 1), collectives.group_key(group))
     return _autosp_step(model, group, after)
 
 

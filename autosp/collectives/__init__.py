@@ -1,0 +1,23 @@
+"""AutoSP's one runtime: the only code that calls ``torch.distributed``, for the compiled passes and
+the eager path (``autosp.multimodal``) alike.
+
+- ``groups``: a process group is named in a graph by a key made of its ranks (``"ranks:0,1,2,3"``)
+  and found again at run time through torch's own registry of groups, in the process, from any
+  thread (the way torch's functional collectives find a group by its ranks and tag): a compiled
+  graph runs its backward on CUDA's autograd threads, two models on two groups never share one,
+  and one compiled graph serves every rank of a group. Also the per-rank collective counters and
+  the device check (a tensor handed to a group that cannot take it is an ``AutoSPError``).
+- ``layout``: how a sequence of S positions is split over P ranks (``ChunkLayout``), and how far
+  key/value heads are repeated so that every rank holds the kv heads of its query heads.
+- ``ops``: the custom ops with autograd (shard, all-to-alls between sequence- and head-sharded,
+  group sum, gather with a reduce-scatter backward) and the eager helpers.
+"""
+from autosp.collectives.groups import (WORLD, check_device, collective_counts, count, group_key,
+                                       reset_collective_counts, resolve_group)
+from autosp.collectives.layout import ChunkLayout, kv_repeats
+from autosp.collectives.ops import (count_once, gather, gather_chunks, gather_sequence, group_sum, head_to_seq,
+                                    mask_padding, pad_to, seq_to_head, shard, shard_chunk, strip_padding, unshard_grad)
+
+__all__ = ["WORLD", "ChunkLayout", "check_device", "collective_counts", "count", "count_once", "gather",
+           "gather_chunks", "gather_sequence", "group_key", "group_sum", "head_to_seq", "kv_repeats", "mask_padding", "pad_to",
+           "reset_collective_counts", "resolve_group", "seq_to_head", "shard", "shard_chunk", "strip_padding", "unshard_grad"]

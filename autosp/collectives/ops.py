@@ -1,0 +1,344 @@
+"""The custom ops of sequence parallelism, with autograd, and the eager helpers.
+
+Every op reads the rank from its group at run time (``groups.resolve_group``), so one compiled
+graph serves every rank. Each op has a fake (meta) implementation for tracing and an autograd
+formula (the inverse collective).
+
+Sequence layout arguments, shared by several ops: ``dim`` is the tensor dim that carries the
+sequence, ``inner`` the number of elements of that dim that follow each sequence position (1
+unless the sequence was flattened together with later dims, e.g. ``[B*S]`` has inner 1 and
+``[B*S*H]`` inner H), so ``x.size(dim) == outer * length * inner``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from autosp.collectives.groups import check_device, count, group_key, resolve_group
+
+
+def _rank(key: str) -> int:
+    return dist.get_rank(resolve_group(key))
+
+
+def _split_seq(x: Tensor, dim: int, inner: int, length: int) -> Tensor:
+    """View ``x`` with its sequence dim split into (outer, length, inner)."""
+    shape = list(x.shape)
+    outer = shape[dim] // (length * inner)
+    return x.reshape(shape[:dim] + [outer, length, inner] + shape[dim + 1:])
+
+
+# --- shard: full value -> this rank's chunk (padded to local_len * world_size) -------------------
+
+@torch.library.custom_op("autosp::shard", mutates_args=())
+def shard(x: Tensor, dim: int, inner: int, length: int, local_len: int, pad_value: float,
+          group: str, world_size: int) -> Tensor:
+    """This rank's ``local_len`` positions of the sequence of ``x``; past ``length``: ``pad_value``."""
+    rank = _rank(group)
+    split = _split_seq(x, dim, inner, length)
+    padded_len = local_len * world_size
+    split = pad_to(split, dim + 1, padded_len, pad_value)
+    chunk = split.narrow(dim + 1, rank * local_len, local_len)
+    out_shape = list(x.shape)
+    out_shape[dim] = out_shape[dim] // length * local_len
+    return chunk.reshape(out_shape).clone()
+
+
+@shard.register_fake
+def _(x, dim, inner, length, local_len, pad_value, group, world_size):
+    out_shape = list(x.shape)
+    out_shape[dim] = out_shape[dim] // length * local_len
+    return x.new_empty(out_shape)
+
+
+@torch.library.custom_op("autosp::unshard_grad", mutates_args=())
+def unshard_grad(grad: Tensor, dim: int, inner: int, length: int, local_len: int,
+                 group: str, world_size: int) -> Tensor:
+    """Backward of shard: this rank's chunk of the gradient placed in a zero full-size tensor."""
+    rank = _rank(group)
+    split = _split_seq(grad, dim, inner, local_len)
+    shape = list(split.shape)
+    shape[dim + 1] = local_len * world_size
+    full = split.new_zeros(shape)
+    full.narrow(dim + 1, rank * local_len, local_len).copy_(split)
+    full = full.narrow(dim + 1, 0, length)
+    out_shape = list(grad.shape)
+    out_shape[dim] = out_shape[dim] // local_len * length
+    return full.reshape(out_shape)
+
+
+@unshard_grad.register_fake
+def _(grad, dim, inner, length, local_len, group, world_size):
+    out_shape = list(grad.shape)
+    out_shape[dim] = out_shape[dim] // local_len * length
+    return grad.new_empty(out_shape)
+
+
+def _shard_setup(ctx, inputs, output):
+    _, ctx.dim, ctx.inner, ctx.length, ctx.local_len, _, ctx.group, ctx.world_size = inputs
+
+
+def _shard_backward(ctx, grad):
+    return (unshard_grad(grad, ctx.dim, ctx.inner, ctx.length, ctx.local_len, ctx.group,
+                         ctx.world_size), None, None, None, None, None, None, None)
+
+
+shard.register_autograd(_shard_backward, setup_context=_shard_setup)
+
+
+# --- mask_padding: zero the positions past the logical length (before reductions) -----------------
+
+@torch.library.custom_op("autosp::mask_padding", mutates_args=())
+def mask_padding(x: Tensor, dim: int, inner: int, length: int, local_len: int,
+                 group: str) -> Tensor:
+    """``x`` (a local chunk) with positions whose global index is >= ``length`` set to zero."""
+    valid = max(0, min(local_len, length - _rank(group) * local_len))
+    split = _split_seq(x, dim, inner, local_len).clone()
+    split.narrow(dim + 1, valid, local_len - valid).zero_()
+    return split.reshape(x.shape)
+
+
+@mask_padding.register_fake
+def _(x, dim, inner, length, local_len, group):
+    return torch.empty_like(x)
+
+
+def _mask_setup(ctx, inputs, output):
+    _, ctx.dim, ctx.inner, ctx.length, ctx.local_len, ctx.group = inputs
+
+
+def _mask_backward(ctx, grad):
+    return (mask_padding(grad, ctx.dim, ctx.inner, ctx.length, ctx.local_len, ctx.group),
+            None, None, None, None, None)
+
+
+mask_padding.register_autograd(_mask_backward, setup_context=_mask_setup)
+
+
+# --- all-to-all: sequence-sharded <-> head-sharded -------------------------------------------------
+
+def _all_to_all(x: Tensor, group: str, kind: str = "all_to_all") -> Tensor:
+    """all_to_all over dim 0 of a contiguous tensor whose dim 0 is the world size."""
+    pg = resolve_group(group)
+    x = x.contiguous()
+    check_device(x, pg, kind)
+    out = torch.empty_like(x)  # contiguous too: backends write the buffer in rank-major order
+    count(kind, x)
+    dist.all_to_all_single(out, x, group=pg)
+    return out
+
+
+@torch.library.custom_op("autosp::seq_to_head", mutates_args=())
+def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: int) -> Tensor:
+    """[.., H, .., S/P, ..] -> [.., ceil(H/P), .., S, ..]: gather the sequence, scatter the heads.
+
+    Heads are padded with zeros up to a multiple of the world size (attention is independent per
+    head, so zero heads never touch real ones; head_to_seq drops them again).
+    """
+    canon = x.movedim((head_dim, seq_dim), (0, 1))
+    heads, local_len = canon.shape[0], canon.shape[1]
+    per_rank = -(-heads // world_size)
+    if per_rank * world_size != heads:
+        pad = canon.new_zeros((per_rank * world_size - heads, *canon.shape[1:]))
+        canon = torch.cat([canon, pad], 0)
+    chunks = canon.reshape(world_size, per_rank, *canon.shape[1:])
+    received = _all_to_all(chunks, group)  # [source rank, heads, S/P, ...]
+    gathered = received.transpose(0, 1).reshape(per_rank, world_size * local_len, *canon.shape[2:])
+    return gathered.movedim((0, 1), (head_dim, seq_dim)).contiguous()
+
+
+@seq_to_head.register_fake
+def _(x, seq_dim, head_dim, group, world_size):
+    shape = list(x.shape)
+    shape[head_dim] = -(-shape[head_dim] // world_size)
+    shape[seq_dim] = shape[seq_dim] * world_size
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::head_to_seq", mutates_args=())
+def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: str,
+                world_size: int) -> Tensor:
+    """Inverse of seq_to_head: [.., ceil(H/P), .., S, ..] -> [.., H, .., S/P, ..]."""
+    canon = x.movedim((head_dim, seq_dim), (0, 1))
+    per_rank, full_len = canon.shape[0], canon.shape[1]
+    local_len = full_len // world_size
+    chunks = canon.reshape(per_rank, world_size, local_len, *canon.shape[2:]).transpose(0, 1)
+    received = _all_to_all(chunks, group)  # [source rank, its heads, my S/P, ...]
+    heads = received.reshape(world_size * per_rank, local_len, *canon.shape[2:])[:num_heads]
+    return heads.movedim((0, 1), (head_dim, seq_dim)).contiguous()
+
+
+@head_to_seq.register_fake
+def _(x, seq_dim, head_dim, num_heads, group, world_size):
+    shape = list(x.shape)
+    shape[head_dim] = num_heads
+    shape[seq_dim] = shape[seq_dim] // world_size
+    return x.new_empty(shape)
+
+
+def _s2h_setup(ctx, inputs, output):
+    x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size = inputs
+    ctx.num_heads = x.shape[ctx.head_dim]
+
+
+def _s2h_backward(ctx, grad):
+    return (head_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.group, ctx.world_size),
+            None, None, None, None)
+
+
+def _h2s_setup(ctx, inputs, output):
+    _, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size = inputs
+
+
+def _h2s_backward(ctx, grad):
+    full = seq_to_head(grad, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size)
+    return full, None, None, None, None, None
+
+
+seq_to_head.register_autograd(_s2h_backward, setup_context=_s2h_setup)
+head_to_seq.register_autograd(_h2s_backward, setup_context=_h2s_setup)
+
+
+# --- group_sum: the loss reduction ----------------------------------------------------------------
+
+@torch.library.custom_op("autosp::group_sum", mutates_args=())
+def group_sum(x: Tensor, group: str) -> Tensor:
+    """Sum of ``x`` over the group. Backward is the identity: each rank's gradient is that of its
+    own contribution, so gradients summed over the group equal the single-device gradient."""
+    pg = resolve_group(group)
+    out = x.clone()
+    check_device(out, pg, "group_sum")
+    count("all_reduce", out)
+    dist.all_reduce(out, group=pg)
+    return out
+
+
+@group_sum.register_fake
+def _(x, group):
+    return torch.empty_like(x)
+
+
+def _identity_backward(ctx, grad):
+    return grad, None
+
+
+group_sum.register_autograd(_identity_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- gather: chunk -> the whole sequence; backward: a reduce-scatter ----------------------------------
+
+@torch.library.custom_op("autosp::gather", mutates_args=())
+def gather(x: Tensor, dim: int, length: int, group: str, world_size: int) -> Tensor:
+    """Every rank's chunk of ``x`` along ``dim`` (``length`` positions in all, the end padded to a
+    multiple of the world size) put together, padding dropped: the same on every rank."""
+    pg = resolve_group(group)
+    chunk = x.contiguous()
+    check_device(chunk, pg, "gather")
+    parts = [torch.empty_like(chunk) for _ in range(world_size)]
+    count("all_gather", chunk)
+    dist.all_gather(parts, chunk, group=pg)
+    return torch.cat(parts, dim).narrow(dim, 0, length).clone()
+
+
+@gather.register_fake
+def _(x, dim, length, group, world_size):
+    shape = list(x.shape)
+    shape[dim] = length
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::reduce_scatter", mutates_args=())
+def reduce_scatter(grad: Tensor, dim: int, local_len: int, group: str, world_size: int) -> Tensor:
+    """Backward of gather: the sum over the ranks of the gradient of this rank's chunk (one
+    all-to-all: gloo has no reduce_scatter)."""
+    padded = pad_to(grad, dim, local_len * world_size)
+    moved = padded.movedim(dim, 0)
+    chunks = moved.reshape(world_size, local_len, *moved.shape[1:])
+    received = _all_to_all(chunks, group, "reduce_scatter")
+    return received.sum(0).movedim(0, dim).contiguous()
+
+
+@reduce_scatter.register_fake
+def _(grad, dim, local_len, group, world_size):
+    shape = list(grad.shape)
+    shape[dim] = local_len
+    return grad.new_empty(shape)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, ctx.dim, _, ctx.group, ctx.world_size = inputs
+    ctx.local_len = x.shape[ctx.dim]
+
+
+def _gather_backward(ctx, grad):
+    return reduce_scatter(grad, ctx.dim, ctx.local_len, ctx.group, ctx.world_size), None, None, None, None
+
+
+gather.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+# --- count_once: a replicated value whose gradient counts on one rank only ------------------------
+
+class _CountOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rank):
+        ctx.rank = rank
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.rank == 0 else torch.zeros_like(grad)), None
+
+
+def count_once(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``x`` unchanged (it is the same on every rank); its gradient is kept on rank 0 only, so
+    summing the group's gradients counts it once."""
+    return _CountOnce.apply(x, dist.get_rank(group))
+
+
+# --- eager helpers used outside compiled graphs ----------------------------------------------------
+
+def shard_chunk(x: Tensor, dim: int, layout, group: dist.ProcessGroup, pad_value: float = 0.0) -> Tensor:
+    """``autosp::shard`` for a ``ChunkLayout``: this rank's chunk of the replicated ``x`` along
+    ``dim`` (``pad_value`` past the length); its backward needs no communication."""
+    return shard(x, dim % x.dim(), 1, layout.length, layout.local_len, pad_value, group_key(group),
+                 layout.world_size)
+
+
+def gather_chunks(x: Tensor, dim: int, layout, group: dist.ProcessGroup) -> Tensor:
+    """``autosp::gather`` for a ``ChunkLayout``: the whole sequence from every rank's chunk."""
+    return gather(x, dim % x.dim(), layout.length, group_key(group), layout.world_size)
+
+
+def pad_to(x: Tensor, dim: int, size: int, value: float = 0.0) -> Tensor:
+    """``x`` padded with ``value`` at the end of ``dim`` to ``size``."""
+    if x.shape[dim] == size:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_full(pad_shape, value)], dim)
+
+
+def strip_padding(x: Tensor, dim: int, inner: int, length: int, local_len: int, group: str) -> Tensor:
+    """This rank's chunk without the padding positions (the last ranks may hold fewer or none)."""
+    valid = max(0, min(local_len, length - _rank(group) * local_len))
+    split = _split_seq(x, dim, inner, local_len).narrow(dim + 1, 0, valid)
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // local_len * valid
+    return split.reshape(shape)
+
+
+def gather_sequence(x: Tensor, dim: int, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Concatenate every rank's (unpadded) chunk along ``dim``: the full-sequence value (no grad).
+    Every tensor it sends is on ``x``'s device (NCCL takes CUDA tensors only)."""
+    group = group or dist.group.WORLD
+    size = torch.tensor(x.shape[dim], device=x.device)
+    check_device(size, group, "gather_sequence")
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    padded = pad_to(x.detach().movedim(dim, -1), -1, max(lengths))
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[..., :n] for p, n in zip(parts, lengths)], -1).movedim(-1, dim)
