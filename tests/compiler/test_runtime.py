@@ -159,3 +159,29 @@ def test_the_eager_path_moves_the_kv_heads_the_passes_move():
     q_and_out = 2 * 8 * (S // P) * D * B * itemsize  # forward; the backward moves as much again
     k_and_v = 2 * 4 * (S // P) * D * B * itemsize    # 4 kv heads: each rank gets its one
     assert sent["passes"] == sent["eager"] == {2 * (q_and_out + k_and_v)}
+
+
+def test_a_graph_compiled_for_p_ranks_refuses_another_group_size():
+    """The world-group backend (``torch.compile(backend="autosp")``'s, here with aot_eager) compiles
+    for the world it first sees; a world of another size later (destroyed and made again in the
+    same process) is named, never run."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autosp.backend import make_backend
+    model, batch = _case()
+    ids, labels = autosp.prepare_inputs(batch["input_ids"], batch["labels"])
+    backend = make_backend(autosp.SPConfig(backend="aot_eager"))
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+        compiled(input_ids=ids, labels=labels)
+        dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+        with pytest.raises(autosp.AutoSPError, match="compiled for 2 ranks but the group has 4"):
+            compiled(input_ids=ids, labels=labels)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch._dynamo.reset()
