@@ -4,9 +4,10 @@ reason, where there are too few GPUs, so the CPU suite and CI collect and skip t
 - N >= 2 GPUs: the verifier on the nccl simulator, one rank per GPU, at P = N and every power of
   two below it, on the bundled HF Llama in float32 and bfloat16 (the tolerance table's entries),
   impls ``autosp`` and ``autosp-inductor``, at a length P divides and one it does not.
-- >= 1 GPU: P = 1 compiled through the passes on the GPU (a world group of size 1 over NCCL)
-  against the uncompiled model on the same GPU, and the same case at P = 2 on CPU over gloo (the
-  CPU verifier run), so one session shows both.
+- >= 1 GPU: one table: P = 1 compiled through the passes on the GPU (a world group of size 1
+  over NCCL) and autosp-wrap on LLaVA, each against the uncompiled model on the same GPU, then
+  tokens/s and peak memory with and without the passes; and the same cases at P = 2 on CPU over
+  gloo (the CPU verifier run), so one session shows both.
 
 Nothing CUDA-only is imported or initialised at import time: the GPU count used to pick the
 world sizes is NVML's (``torch.cuda.device_count()``, which does not initialise CUDA; 0 on a CPU
@@ -23,7 +24,8 @@ from autosp_verify.simulators.nccl import unavailable
 
 pytestmark = pytest.mark.gpu
 
-HF_LLAMA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "hf_llama.py"))
+FIXTURES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures"))
+HF_LLAMA, HF_LLAVA = os.path.join(FIXTURES, "hf_llama.py"), os.path.join(FIXTURES, "hf_llava.py")
 DTYPES = ["float32", "bfloat16"]  # their tolerances: autosp_verify.compare.TOLERANCES
 IMPLS = ["autosp", "autosp-inductor"]
 SEQ_LENS = (16, 13)  # one every P here divides, one none does
@@ -57,7 +59,7 @@ def test_hf_llama_on_nccl(world_size, impl, dtype):
         assert r.status == "pass", (seq_len, r.status, r.error, r.failures[:5])
 
 
-def one_device_case(impl: str, dtype: str, seq_len: int, device: torch.device, store_path: str):
+def one_device_case(impl: str, dtype: str, seq_len: int, device: torch.device, store_path: str, path=HF_LLAMA):
     """P = 1: ``impl`` (autosp.compile over a world group of size 1 on ``device``: NCCL on a GPU,
     gloo on CPU) against the uncompiled model on the same device. Returns the Comparison."""
     import torch.distributed as dist
@@ -68,8 +70,8 @@ def one_device_case(impl: str, dtype: str, seq_len: int, device: torch.device, s
     from autosp_verify.model_file import load_model_file
     from autosp_verify.simulators.base import RankContext
 
-    loaded = load_model_file(HF_LLAMA)
-    spec = CaseSpec(HF_LLAMA, impl, world_size=1, seq_len=seq_len, batch=2, dtype=dtype, seed=0)
+    loaded = load_model_file(path)
+    spec = CaseSpec(path, impl, world_size=1, seq_len=seq_len, batch=2, dtype=dtype, seed=0)
     base, batch = build_case(loaded.model_fn, loaded.inputs_fn, spec)
     assert not dist.is_initialized(), "a process group is already initialised in this process"
     if device.type == "cuda":
@@ -85,15 +87,35 @@ def one_device_case(impl: str, dtype: str, seq_len: int, device: torch.device, s
     return compare(ref, ranks, tolerance_for(CASE_DTYPES[dtype]))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_one_gpu_compiled_through_the_passes_matches_the_model_on_that_gpu(impl, dtype, tmp_path):
+ONE_GPU_CASES = [(HF_LLAMA, impl, dtype) for impl in IMPLS for dtype in DTYPES] + [(HF_LLAVA, "autosp-wrap", "float32")]
+
+
+def _row(path, impl, dtype, seq_len, cmp) -> list:
+    worst = cmp.worst_grad if getattr(cmp, "worst_grad", None) else None
+    return [os.path.basename(path), impl, dtype, str(seq_len), f"{cmp.loss.abs_err:.2e}",
+            "-" if worst is None else f"{worst.name} ({worst.rel_err:.2e})", "PASS" if cmp.passed else "FAIL"]
+
+
+def test_one_gpu_tier_prints_one_table(tmp_path, capsys):
+    """One GPU, one table: P = 1 through the passes (autosp: aot_eager, autosp-inductor) and
+    autosp-wrap on a vision-language fixture, each against the uncompiled model on the same GPU,
+    float32 and bfloat16 under the table's tolerances; then tokens/s and peak memory with and
+    without the passes (benchmarks/run.py's GPU section). Within 5 minutes on one GPU."""
     _skip_unless(1)
-    for seq_len in SEQ_LENS:
-        cmp = one_device_case(impl, dtype, seq_len, torch.device("cuda", 0), str(tmp_path / f"store{seq_len}"))
-        assert cmp.passed, (seq_len, cmp.failures()[:5])
-
-
+    rows, failed = [], []
+    for n, (path, impl, dtype) in enumerate(ONE_GPU_CASES):
+        for seq_len in SEQ_LENS:
+            cmp = one_device_case(impl, dtype, seq_len, torch.device("cuda", 0), str(tmp_path / f"store{n}-{seq_len}"),
+                                  path)
+            rows.append(_row(path, impl, dtype, seq_len, cmp))
+            if not cmp.passed:
+                failed.append((path, impl, dtype, seq_len, cmp.failures()[:3]))
+    from benchmarks.run import bench_gpu, table
+    with capsys.disabled():
+        table(f"GPU tier on {torch.cuda.get_device_name()}: P = 1 against the model on the same GPU",
+              ["model", "impl", "dtype", "S", "loss err", "worst grad (rel err)", "verdict"], rows)
+        bench_gpu(quick=True)
+    assert not failed, failed
 @pytest.mark.multiproc
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
