@@ -2,7 +2,7 @@
 # wheel pinned before the project, so pip never pulls the ~5.5 GB CUDA build).
 #
 #   make demo    verify the bundled HF Llama at 2, 4 and 8 ranks
-#   make test    the test suite, as CI runs it (.ci/run)
+#   make test    the test suite, as CI runs it (.ci/run); `make test-all` adds the slow tests
 #
 # A CUDA machine: `make test TORCH=torch` (or any pip requirement for torch) takes the CUDA build.
 PYTHON ?= python3
@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu clean
+.PHONY: demo test test-all gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -n auto
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest -n auto -m "slow or not slow"
 
 gpu: $(STAMP)
 	$(VENV)/bin/pytest -m gpu

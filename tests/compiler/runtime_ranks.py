@@ -28,6 +28,10 @@ def _on_new_thread(fn):
     return out["value"]
 
 
+def _loss(out):
+    return out["loss"] if isinstance(out, dict) else out.loss
+
+
 def _grads(model, loss):
     params = [p for p in model.parameters() if p.requires_grad]
     return [g.detach() for g in torch.autograd.grad(loss, params)]
@@ -36,7 +40,7 @@ def _grads(model, loss):
 def backward_elsewhere(ctx, payload):
     """One model over the world: forward here, backward on a new thread."""
     model = copy.deepcopy(payload["model"])
-    loss = autosp.compile(model, backend=payload["backend"])(**payload["batch"]).loss
+    loss = _loss(autosp.compile(model, backend=payload["backend"])(**payload["batch"]))
     return _on_new_thread(lambda: _grads(model, loss))
 
 
@@ -46,8 +50,8 @@ def two_models_two_groups(ctx, payload):
     pairs = [dist.new_group([r, r + 1]) for r in range(0, ctx.world_size, 2)]
     pair = pairs[ctx.rank // 2]
     a, b = copy.deepcopy(payload["model"]), copy.deepcopy(payload["model"])
-    loss_a = autosp.compile(a, backend="aot_eager")(**payload["batch"]).loss
-    loss_b = autosp.compile(b, group=pair, backend="aot_eager")(**payload["batch"]).loss
+    loss_a = _loss(autosp.compile(a, backend="aot_eager")(**payload["batch"]))
+    loss_b = _loss(autosp.compile(b, group=pair, backend="aot_eager")(**payload["batch"]))
     grads_b = _on_new_thread(lambda: _grads(b, loss_b))
     grads_a = _on_new_thread(lambda: _grads(a, loss_a))
     return {"a": grads_a, "b": grads_b}

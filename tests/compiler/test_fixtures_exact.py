@@ -10,10 +10,10 @@ import torch
 from autosp_verify import verify, verify_file
 from autosp_verify.model_file import load_model_file
 
-from fixtures import MULTIMODAL  # noqa: E402  (those go through autosp-wrap: tests/multimodal)
+from fixtures import MULTIMODAL, SCALE  # noqa: E402  (autosp-wrap: tests/multimodal; scale: no real weights)
 
 FIXTURES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "[!_]*.py"))
-                  if os.path.basename(p)[:-3] not in MULTIMODAL)
+                  if os.path.basename(p)[:-3] not in MULTIMODAL | SCALE)
 IDS = [os.path.basename(p)[:-3] for p in FIXTURES]
 
 
@@ -33,15 +33,18 @@ def _check(path, impl="autosp-eager", positions=False, dtype=torch.float64, simu
     return result
 
 
+SLOW = pytest.mark.slow  # `make test-all`; the default run keeps one representative of each kind
+
+
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=SLOW)])
 def test_fixture_is_exact_on_threads(path, world_size):
     for seq_len in (16, 13):  # divisible by P, and not
         _check(path, world_size=world_size, seq_len=seq_len)
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=SLOW), 4, pytest.param(8, marks=SLOW)])
 def test_fixture_is_exact_with_position_ids_and_in_float32(path, world_size):
     for seq_len in (16, 13):
         _check(path, positions=True, world_size=world_size, seq_len=seq_len)
@@ -55,7 +58,7 @@ def test_fixture_is_exact_through_aot_autograd(path):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=SLOW)])
 def test_fixture_is_exact_on_gloo_processes(world_size):
     path = next(p for p in FIXTURES if p.endswith("hf_llama.py"))  # by path: each process loads it
     result = verify_file(path, impl="autosp", simulator="gloo", world_size=world_size, seq_len=13, timeout=300)

@@ -184,7 +184,8 @@ def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
 
 
 @pytest.mark.parametrize("name", ["hf_olmo2_padded", "hf_qwen3_packed"])
-@pytest.mark.parametrize("world_size,seq_len", [(2, 16), (3, 13), (4, 11)])
+@pytest.mark.parametrize("world_size,seq_len", [pytest.param(2, 16, marks=pytest.mark.slow), (3, 13),
+                                                pytest.param(4, 11, marks=pytest.mark.slow)])
 def test_padded_and_packed_hf_models_are_exact_with_one_row_blocks(name, world_size, seq_len):
     result = verify_file(f"{FIXTURES}/{name}.py", impl=ONE_ROW, world_size=world_size, seq_len=seq_len)
     assert result.passed, (result.status, result.error, result.failures[:5])
