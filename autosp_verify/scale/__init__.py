@@ -1,0 +1,2 @@
+"""The scale simulator: per-rank peak memory of one training step at real model sizes, without
+the hardware (see docs/scale.md)."""

@@ -1,0 +1,5 @@
+import sys
+
+from autosp_verify.scale.cli import main
+
+sys.exit(main())
