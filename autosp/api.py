@@ -110,6 +110,7 @@ class CompiledSP:
         if dist.is_initialized():
             raise AutoSPError("warm_up needs a thread with no process group initialized")
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        fake_world = dist.group.WORLD
         try:
             out = self._call(dist.group.WORLD, args, kwargs)
             loss = _loss_of(out)
@@ -117,7 +118,8 @@ class CompiledSP:
             if loss is not None and loss.requires_grad and params:
                 torch.autograd.grad(loss, params, allow_unused=True)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized() and dist.group.WORLD is fake_world:  # never another thread's group
+                dist.destroy_process_group()
 
     def _call(self, group, args, kwargs):
         key = collectives.group_key(group)

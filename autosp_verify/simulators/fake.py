@@ -50,12 +50,12 @@ def counting_collectives(rank_fn):
     return counted
 
 
-def _run_ranks(ranks, world_size, rank_fn, payload, events, limits):
+def _run_ranks(ranks, world_size, rank_fn, payload, events, limits, world):
     with torch._dynamo.config.patch(**limits):  # the caller's limits: Dynamo's config is per thread
-        _run_each(ranks, world_size, rank_fn, payload, events)
+        _run_each(ranks, world_size, rank_fn, payload, events, world)
 
 
-def _run_each(ranks, world_size, rank_fn, payload, events):
+def _run_each(ranks, world_size, rank_fn, payload, events, world):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     for rank in ranks:
         try:
@@ -66,7 +66,9 @@ def _run_each(ranks, world_size, rank_fn, payload, events):
             events.put((rank, failure_from_exception(rank, exc), None))
             return
         finally:
-            if dist.is_initialized():
+            # A worker abandoned after a hang may get here after its world was uninstalled: then
+            # the process group it would destroy is the caller's, not its own. Leave it alone.
+            if dist.distributed_c10d._world is world and dist.is_initialized():
                 dist.destroy_process_group()
 
 
@@ -81,11 +83,11 @@ class FakeSimulator(Simulator):
     def run(self, world_size, rank_fn, payload, timeout):
         ranks = self.ranks_run(world_size)
         results = [None] * world_size
-        with _RUN_LOCK, _threaded_world():
+        with _RUN_LOCK, _threaded_world() as world:
             events = queue.Queue()
             worker = threading.Thread(target=_run_ranks, name="autosp-verify-fake", daemon=True,
                                       args=(ranks, world_size, counting_collectives(rank_fn), payload, events,
-                                            dynamo_limits()))
+                                            dynamo_limits(), world))
             worker.start()
             worker.join(timeout)
             alive = worker.is_alive()
