@@ -74,23 +74,16 @@ def _storage_bytes(values) -> int:
 
 
 @contextlib.contextmanager
-def _fake_groups(args, world_size: int):
-    """A fake process group of ``world_size`` ranks for autosp's ops to find (rank 0); this
-    rank's collective counters are left as they were."""
+def _fake_groups(world_size: int):
+    """A fake process group of ``world_size`` ranks for autosp's ops to find by their ranks
+    (rank 0); this rank's collective counters are left as they were."""
     from autosp import collectives
     from autosp_verify.scale.trace import fake_world
-    with fake_world(world_size) as group:
+    with fake_world(world_size):
         counts = collectives.collective_counts().copy()
-        register = getattr(collectives, "register_group", None)  # groups named by any key (older autosp)
-        saved = dict(getattr(getattr(collectives, "_THREAD_GROUPS", None), "groups", {}))
-        if register is not None:
-            for key in (a for a in args if isinstance(a, str)):
-                register(key, group, thread_local=True)
         try:
             yield
         finally:
-            if register is not None:
-                collectives._THREAD_GROUPS.groups = saved
             collectives.collective_counts().clear()
             collectives.collective_counts().update(counts)
 
@@ -98,7 +91,7 @@ def _fake_groups(args, world_size: int):
 def replay_peak(op, args: list, world_size: int, mode) -> int:
     """Bytes ``op``'s Python body holds at its peak beyond its outputs, run on ``args``, fake
     CPU tensors of ``mode`` (not meta: collectives check the group's backend takes the device)."""
-    with _fake_groups(args, world_size), mode:
+    with _fake_groups(world_size), mode:
         tracker = StorageTracker().ignore(args)
         with tracker:
             out = op._init_fn(*args)
