@@ -64,12 +64,27 @@ def _is_square_mask(name: str, t) -> bool:
         and t.shape[-1] == t.shape[-2]
 
 
+def _check_attention_implementation(model) -> None:
+    """HF models name their attention kernel in their configs. The passes shard
+    ``scaled_dot_product_attention`` only; flex and flash kernels otherwise end in a Dynamo error
+    that never names them."""
+    model = getattr(model, "__self__", model)  # a bound forward: its module
+    for name, module in (model.named_modules() if isinstance(model, torch.nn.Module) else ()):
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if impl not in (None, "sdpa"):
+            where = f"{type(module).__name__} ({name})" if name else type(module).__name__
+            raise AutoSPError(f"{where} uses attn_implementation={impl!r}: AutoSP shards attention through "
+                              "torch's scaled_dot_product_attention only; load the model with "
+                              "attn_implementation='sdpa' (on the config, and on its text/vision sub-configs)")
+
+
 class CompiledSP:
     """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
 
     autosp_counted = True  # every collective it runs goes through autosp's counters (verifier accounting)
 
     def __init__(self, model, config: SPConfig, compile_kwargs):
+        _check_attention_implementation(model)
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)
         self._compile_kwargs = compile_kwargs

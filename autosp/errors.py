@@ -1,10 +1,11 @@
 """The one exception AutoSP raises when it refuses a model, an input or a configuration."""
 
 
-class AutoSPError(Exception):
+class AutoSPError(ValueError):
     """AutoSP cannot make this model sequence-parallel exactly; the message says why and where.
 
     Raised at compile time (before anything runs) for ops that mix values along the sequence
     without a rule, head counts that cannot be split over the group, bad configuration, and
-    graph breaks under ``fullgraph``.
+    graph breaks under ``fullgraph``. A ``ValueError``, as DeepSpeed's AutoSP raises for a model
+    it cannot handle, so callers' ``except ValueError`` keeps working.
     """

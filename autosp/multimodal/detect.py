@@ -3,7 +3,8 @@
 Attention modules are known by class name (the registries below, DeepSpeed's names included) or
 by a class attribute ``autosp_attention = "vision"`` / ``"language"`` (how a hand-written model
 declares them without importing autosp). The unit AutoSP shards is the attention's *block*: the
-nearest enclosing module that is an item of an ``nn.ModuleList`` (a transformer layer).
+nearest enclosing module (the attention itself included) that is a numbered item of an
+``nn.ModuleList``, or failing that of an ``nn.Sequential`` (a transformer layer).
 """
 from __future__ import annotations
 
@@ -67,13 +68,15 @@ def _side(module: nn.Module) -> str | None:
 
 
 def _block_of(model: nn.Module, name: str) -> str | None:
-    """The nearest enclosing module of ``name`` that is an item of a ModuleList."""
+    """The nearest enclosing module of ``name`` (itself included) that is a numbered item of an
+    ``nn.ModuleList``, else of an ``nn.Sequential`` (timm's ``blocks``)."""
     parts = name.split(".")
     modules = dict(model.named_modules())
-    for cut in range(len(parts) - 1, 0, -1):
-        parent = modules.get(".".join(parts[:cut - 1])) if cut > 1 else model
-        if isinstance(parent, nn.ModuleList) and parts[cut - 1].isdigit():
-            return ".".join(parts[:cut])
+    for holder in (nn.ModuleList, nn.Sequential):
+        for cut in range(len(parts), 0, -1):
+            parent = modules[".".join(parts[:cut - 1])]
+            if isinstance(parent, holder) and parts[cut - 1].isdigit():
+                return ".".join(parts[:cut])
     return None
 
 
@@ -89,9 +92,9 @@ def detect_model_sp_info(model: nn.Module) -> SPModelInfo:
         (info.vit_attn_modules if side == "vision" else info.llm_attn_modules).append((name, module))
         block = _block_of(model, name)
         if block is None:
-            raise AutoSPError(f"{side} attention {name!r} ({type(module).__name__}) is not inside a layer "
-                              "held by an nn.ModuleList: AutoSP shards the sequence per layer and found "
-                              "no layer to shard")
+            raise AutoSPError(f"{side} attention {name!r} ({type(module).__name__}) is neither an item of an "
+                              "nn.ModuleList or nn.Sequential nor inside one: AutoSP shards the sequence per "
+                              "layer (a numbered item of such a list) and found none to shard")
         entry = info.blocks.setdefault(block, (model.get_submodule(block), side, []))
         entry[2].append(name)
     for name, module in model.named_modules():

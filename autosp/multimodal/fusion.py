@@ -33,10 +33,16 @@ class ModalityFusionSPAdapter:
     lm_head = "lm_head"
     architectures: tuple = ()
 
-    def __init__(self, model, process_group=None, language_model: str | None = None, lm_head: str | None = None):
+    def __init__(self, model, process_group=None, language_model: str | None = None, lm_head: str | None = None,
+                 image_token_id: int | None = None):
         state = getattr(model, "_autosp_sp_state", None)
-        if state is None:
-            raise AutoSPError(f"{type(self).__name__}: wrap the model with auto_wrap_model_for_sp first")
+        if state is None or image_token_id is not None:
+            raise AutoSPError(f"{type(self).__name__}: takes the model wrapped by auto_wrap_model_for_sp (got "
+                              f"{type(model).__name__}{' and image_token_id' if image_token_id is not None else ''}"
+                              "). DeepSpeed's signature (the projector, the group, image_token_id) is not this "
+                              "one: auto_wrap_model_for_sp(model, group) installs the adapter for known "
+                              "architectures itself (fusion=True), with the placeholder token the model's "
+                              "config names")
         self.language_model = language_model or self.language_model
         self.lm_head = lm_head or self.lm_head
         for path in (self.language_model, self.lm_head):

@@ -183,12 +183,21 @@ class UlyssesSPViTAttention(nn.Module):
     """A ViT (or any) attention module made sequence parallel, for manual use.
 
     ``attn`` maps hidden states ``[B, S, D]`` to ``[B, S, D]`` (or a tuple whose first item is that)
-    and computes attention with ``F.scaled_dot_product_attention``. The wrapper's input is this
-    rank's contiguous chunk of the sequence, every rank the same length (shard with
-    ``autosp.collectives.shard_chunk``, which pads the end); pass ``length`` when the chunks are
-    padded. A class token and register tokens are ordinary positions of the sequence: they need
-    nothing special, and ``has_cls_token`` is accepted only for DeepSpeed compatibility.
-    :func:`auto_wrap_model_for_sp` does not need this class: it shards whole layers in place.
+    and computes attention with ``F.scaled_dot_product_attention``. Two input layouts:
+
+    - ``has_cls_token=True`` (the default, DeepSpeed's layout): every rank holds the class token
+      first, then its contiguous chunk of the patches: ``[B, 1 + local, D]``. Attention runs over
+      the class token and all patches once (the patches are gathered, the sequence resharded for
+      Ulysses, the output gathered back: three collectives more than the layout below); every
+      rank returns the class token's output and its own patches'. Ranks whose first position
+      differs are refused (that is the other layout).
+    - ``has_cls_token=False``: the class token (if any) is an ordinary position of the sharded
+      sequence; the input is this rank's chunk only (shard with ``autosp.collectives.shard_chunk``,
+      which pads the end).
+
+    ``length`` is the number of positions the chunks hold in all (patches only with a class
+    token); pass it when the chunks are padded. :func:`auto_wrap_model_for_sp` does not need this
+    class: it shards whole layers in place.
     """
 
     def __init__(self, attn: nn.Module, process_group, has_cls_token: bool = True, causal: bool = False):
@@ -197,12 +206,20 @@ class UlyssesSPViTAttention(nn.Module):
         self.causal = causal
 
     def forward(self, hidden_states, *args, length: int | None = None, **kwargs):
+        if self.has_cls_token:
+            return self._with_class_token(hidden_states, args, length, kwargs)
+        return self._attend(hidden_states, args, length, kwargs)
+
+    def _layout(self, local: int, length: int | None, what: str) -> ChunkLayout:
         world = dist.get_world_size(self.process_group)
-        length = length if length is not None else hidden_states.shape[1] * world
-        layout = ChunkLayout.of(length, self.process_group)
-        if hidden_states.shape[1] != layout.local_len:
-            raise AutoSPError(f"UlyssesSPViTAttention: rank {layout.rank} holds {hidden_states.shape[1]} positions; "
-                              f"a sequence of {length} over {world} ranks needs {layout.local_len} each")
+        layout = ChunkLayout.of(length if length is not None else local * world, self.process_group)
+        if local != layout.local_len:
+            raise AutoSPError(f"UlyssesSPViTAttention: rank {layout.rank} holds {local} {what}; a sequence of "
+                              f"{layout.length} over {world} ranks needs {layout.local_len} each")
+        return layout
+
+    def _attend(self, hidden_states, args, length, kwargs):
+        layout = self._layout(hidden_states.shape[1], length, "positions")
         context = BlockContext(type(self.attn).__name__, layout, self.process_group, causal_hint=self.causal)
         with UlyssesMode(context):
             out = self.attn(hidden_states, *args, **kwargs)
@@ -210,3 +227,21 @@ class UlyssesSPViTAttention(nn.Module):
             raise AutoSPError(f"{type(self.attn).__name__} did not call scaled_dot_product_attention; "
                               "use an SDPA attention implementation (HF: attn_implementation='sdpa')")
         return out
+
+    def _with_class_token(self, hidden_states, args, length, kwargs):
+        group = self.process_group
+        cls, patches = hidden_states[:, :1], hidden_states[:, 1:]
+        firsts = collectives.gather_sequence(cls.detach(), 1, group)  # [B, P, D]: one class token per rank
+        differ = [r for r in range(firsts.shape[1]) if not torch.equal(firsts[:, r:r + 1], firsts[:, :1])]
+        if differ:
+            raise AutoSPError(f"UlyssesSPViTAttention(has_cls_token=True): ranks {differ} hold a first position "
+                              "other than rank 0's; this layout needs the class token first on every rank. "
+                              "For a class token sharded as an ordinary position, pass has_cls_token=False")
+        patch_layout = self._layout(patches.shape[1], length, "patches")
+        whole = torch.cat([cls, collectives.gather_chunks(patches, 1, patch_layout, group)], 1)
+        seq_layout = ChunkLayout.of(whole.shape[1], group)
+        out = self._attend(collectives.shard_chunk(whole, 1, seq_layout, group), args, seq_layout.length, kwargs)
+        first, extra = (out[0], tuple(out[1:])) if isinstance(out, (tuple, list)) else (out, ())
+        out_whole = collectives.gather_chunks(first, 1, seq_layout, group)
+        local = torch.cat([out_whole[:, :1], collectives.shard_chunk(out_whole[:, 1:], 1, patch_layout, group)], 1)
+        return (local, *extra) if extra else local

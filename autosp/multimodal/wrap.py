@@ -16,6 +16,7 @@ group's gradients are summed (the DeepSpeed/verifier convention).
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -75,12 +76,21 @@ class _SPState:
                           "(unwrap_model_for_sp), copy, and wrap each copy")
 
 
+WHOLE_HINTS = ("mask", "bias")  # attention sees the full sequence: pass these whole
+POSITION_HINTS = ("position", "rotary", "rope", "cos", "sin", "freqs")  # one row per position
+
+
 def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | None:
-    """The dim of a block argument that carries the sequence, or None to pass it whole."""
-    if name is not None and "mask" in name:
-        return None  # masks are for the full sequence: attention runs on it
-    if value.dim() >= 2 and value.shape[-1] == length and value.shape[-2] == length:
-        return None  # [.., S, S]: a mask or bias
+    """The dim of a block argument that carries the sequence, or None to pass it whole. The name
+    (keyword, or the forward's parameter name for a positional argument; a tuple's elements take
+    their parent's) decides where the shape cannot: a rotary table [B, S, head_dim] is shaped like
+    an [S, S] mask when the length equals head_dim."""
+    hint = (name or "").lower()
+    if any(h in hint for h in WHOLE_HINTS):
+        return None
+    square = value.dim() >= 2 and value.shape[-1] == length and value.shape[-2] == length
+    if square and not any(h in hint for h in POSITION_HINTS):
+        return None  # [.., S, S] of no per-position name: a mask or bias
     last = value.dim() - 1 if value.is_floating_point() else value.dim()  # a float's last dim is features
     for dim in reversed(range(last)):
         if value.shape[dim] == length:
@@ -93,8 +103,18 @@ def _shard_value(value, name, layout, group):
         dim = _seq_dim_of(value, layout.length, name)
         return value if dim is None else collectives.shard_chunk(value, dim, layout, group)
     if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_shard_value(v, None, layout, group) for v in value)
+        return type(value)(_shard_value(v, name, layout, group) for v in value)
     return value
+
+
+def _positional_names(module, count: int) -> list:
+    """The forward's parameter names of the ``count`` positional arguments after hidden states."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (names + [None] * count)[:count]
 
 
 def _hidden_of(args, kwargs):
@@ -120,8 +140,9 @@ def _block_pre_hook(state: _SPState, name: str, causal: bool):
         adapter = BLOCK_ADAPTERS.get(type(module).__name__)
         segments = adapter(kwargs, layout) if adapter else None
         kwargs = {k: _shard_value(v, k, layout, state.group) for k, v in kwargs.items()}
-        rest = tuple(_shard_value(v, None, layout, state.group) for v in args[1:]) if where == "arg" else args
         if where == "arg":
+            names = _positional_names(module, len(args) - 1)
+            rest = tuple(_shard_value(v, n, layout, state.group) for v, n in zip(args[1:], names))
             args = (chunk, *rest)
         else:
             kwargs["hidden_states"] = chunk

@@ -60,6 +60,7 @@ REPLICATED_LAYOUT = SeqLayout(REPLICATED)
 class SeqSymbol:
     symbol: sympy.Symbol
     node: fx.Node  # a placeholder holding the full sequence length at run time
+    others: frozenset = frozenset()  # other inputs' symbols for the same length (see find_sequence)
 
 
 def is_sharded(layout) -> bool:
@@ -118,25 +119,28 @@ def linear_coeffs(expr: sympy.Expr, symbol) -> tuple[int, int] | None:
 
 
 def find_sequence(gm: fx.GraphModule, seq_dim: int) -> SeqSymbol:
-    """The one symbol for the sequence length, from the dynamic ``seq_dim`` of the inputs."""
-    symbols, holders = set(), {}
+    """The symbol for the sequence length, from the dynamic ``seq_dim`` of the inputs.
+
+    Inputs of the same length (autosp.compile checks it at every call) may still get symbols of
+    their own when nothing in the graph relates their sizes (HF reads a 2-D attention mask by
+    fancy indexing when a KV cache exists): the first input's is the sequence, and the others are
+    allowed only where no activation carries them (``Analysis`` checks, refusing otherwise)."""
+    symbols, holders = [], {}
     for node in gm.graph.find_nodes(op="placeholder"):
         value = example_value(node)
         if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
             holders.setdefault(value.node.expr, node)
         elif isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
             if value.dim() > seq_dim and isinstance(value.shape[seq_dim], torch.SymInt):
-                symbols |= size_expr(value.shape[seq_dim]).free_symbols
+                symbols += [s for s in size_expr(value.shape[seq_dim]).free_symbols if s not in symbols]
     if not symbols:
         raise AutoSPError(
             f"no input has a dynamic sequence dim {seq_dim}: call the model through autosp.compile, "
             "or mark the sequence inputs with autosp.prepare_inputs(...) before torch.compile")
-    if len(symbols) > 1:
-        raise AutoSPError(f"inputs disagree on the sequence length: {sorted(map(str, symbols))}")
-    symbol = symbols.pop()
+    symbol = symbols[0]
     if symbol not in holders:
         raise AutoSPError(f"the sequence length {symbol} is not a graph input; cannot read it at run time")
-    return SeqSymbol(symbol, holders[symbol])
+    return SeqSymbol(symbol, holders[symbol], frozenset(symbols[1:]))
 
 
 def _is_parameter_source(node) -> bool:
@@ -236,4 +240,18 @@ class Analysis:
 def analyse(gm: fx.GraphModule, seq: SeqSymbol) -> Analysis:
     analysis = Analysis(gm, seq)
     analysis.run()
+    _check_other_symbols(analysis)
     return analysis
+
+
+def _check_other_symbols(an: Analysis) -> None:
+    """An activation whose size holds another input's length symbol would be treated as not
+    carrying the sequence, and run whole: refused."""
+    for node in an.activation:
+        value = example_value(node)
+        shape = value.shape if isinstance(value, torch.Tensor) else ()
+        stray = {s for size in shape for s in size_expr(size).free_symbols} & an.seq.others
+        if stray:
+            raise AutoSPError(f"cannot shard {ops.op_name(node)} ({node.name}): its size {tuple(shape)} holds "
+                              f"{sorted(map(str, stray))}, the length of another sequence input that nothing in "
+                              f"the model relates to the sequence {an.S}\n  at {source_line(node)}")

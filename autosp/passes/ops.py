@@ -52,6 +52,8 @@ RELAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.unsqueeze, torch.squ
 SHAPE_ARG_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_full",
                      "new_empty", "unflatten"}
 SHAPE_ARG_FUNCTIONS = {torch.reshape, torch.unflatten}
+# New tensors of the sizes given: they read only the input's dtype and device, never its values.
+FRESH_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
 
 # Ops acting along chosen dims: positional unless a dim they act on carries the sequence.
 # Value: (positional index of the dim argument, its keyword name, default when absent)

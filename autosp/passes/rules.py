@@ -92,6 +92,8 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
     if ops.dim_spec(node) is not None:
         acting = ops.acting_dims(node, nd)
         if acting is None or d in acting:
+            if target in (torch.cat, torch.concat):
+                return None if _cat_onto_empty(node, src) else CAT_ONTO_SEQUENCE
             return "it reduces, scans, reorders or slices along the sequence"
         return None
     if target is operator.getitem:
@@ -114,6 +116,20 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
         count = len(shape) if isinstance(shape, (list, tuple)) else 1
         return None if src is first and d < nd - count else "it normalises over the sequence"
     return "no rule says this op is positional along the sequence (add one to autosp.passes.ops)"
+
+
+CAT_ONTO_SEQUENCE = ("it concatenates onto the sequence, as reading a KV cache does (generation with "
+                     "past_key_values): sequence parallelism is for training; generate without autosp")
+
+
+def _cat_onto_empty(node, src) -> bool:
+    """``torch.cat`` of the sequence onto tensors that hold nothing: the identity along it. HF's
+    ``DynamicCache`` does this in every forward of a model with ``use_cache=True`` (the transformers
+    5 default), training included: ``torch.cat([torch.tensor([]), key_states], dim=-2)``."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    others = [t for t in tensors if t is not src]
+    return all(isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor)
+               and example_value(t).numel() == 0 for t in others)
 
 
 def getitem_dims(node):
@@ -167,6 +183,8 @@ def _getitem_tail(node) -> int:
 def seq_reduction(an, node) -> SeqLayout:
     """An activation op whose result has no sequence dim: only sums and means are allowed."""
     key = node.target
+    if node.op == "call_method" and key in ops.FRESH_METHODS:
+        return REPLICATED_LAYOUT  # sizes without the sequence: nothing of the chunk is read
     if key in ops.SEQ_SUM_REDUCTIONS:
         src = node.args[0]
         acting = ops.acting_dims(node, example_value(src).dim())

@@ -164,7 +164,7 @@ class _GraphAfterPasses:
         return gm.forward
 
 
-@pytest.mark.parametrize("name", ["hf_llama", "hf_olmo2_padded", "hf_qwen3_packed"])
+@pytest.mark.parametrize("name", ["hf_qwen2", "hf_olmo2_padded", "hf_qwen3_packed"])
 def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
     fixture = importlib.import_module(f"fixtures.{name}")
     torch.manual_seed(0)

@@ -35,3 +35,55 @@ def test_attention_model_compiles():
 def test_fewer_query_heads_than_ranks_is_refused_with_the_counts():
     with pytest.raises(autosp.AutoSPError, match="4 query heads, fewer than the 8 ranks"):
         _compile_for("sdpa", 8)
+
+
+class _UnrelatedLengths(torch.nn.Module):
+    """token_type_ids is as long as input_ids (autosp checks it every call) but nothing in the graph
+    relates the two sizes, so it gets a symbol of its own: an activation carrying it is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.types, self.head = torch.nn.Embedding(16, 8), torch.nn.Embedding(2, 8), torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, labels, token_type_ids):
+        logits = self.head(self.emb(input_ids))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss + self.types(token_type_ids).pow(2).mean(), "logits": logits}
+
+
+def test_an_activation_holding_another_inputs_length_is_refused():
+    ids = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with pytest.raises(autosp.AutoSPError, match="the length of another sequence input that nothing in the model "
+                                                 "relates to the sequence"):
+        autosp.compile(_UnrelatedLengths(), backend="eager").warm_up(2, input_ids=ids, labels=ids,
+                                                                   token_type_ids=torch.zeros_like(ids))
+
+
+def test_generation_reading_a_kv_cache_is_refused_and_a_training_forward_with_use_cache_is_not():
+    """transformers 5 builds a DynamicCache in every forward of a use_cache=True model (concatenation
+    onto an empty cache: accepted, the default-config fixtures run it); a forward that reads a filled
+    cache concatenates onto the sequence and is refused with a message that says why."""
+    from fixtures import hf_llama
+    assert hf_llama.model_fn().config.use_cache  # as from_pretrained returns it
+    torch.manual_seed(0)
+    model = hf_llama.model_fn().eval()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids).past_key_values
+    torch._dynamo.reset()
+    autosp.compile(model, backend="eager").warm_up(2, input_ids=ids)  # control: the cache-building forward
+    torch._dynamo.reset()
+    with pytest.raises(autosp.AutoSPError, match="reading a KV cache .* generate without autosp"):
+        autosp.compile(model, backend="eager").warm_up(2, input_ids=ids[:, :4], past_key_values=cache)
+
+
+@pytest.mark.parametrize("impl", ["flex_attention", "eager"])
+def test_attention_implementation_other_than_sdpa_is_refused_by_name(impl):
+    from fixtures import hf_llama
+    model = hf_llama.model_fn()
+    model.set_attn_implementation(impl)
+    with pytest.raises(autosp.AutoSPError, match=f"LlamaForCausalLM uses attn_implementation='{impl}'.*'sdpa'"):
+        autosp.compile(model, backend="eager")
+    model.set_attn_implementation("sdpa")
+    autosp.compile(model, backend="eager")  # control: the same model with SDPA is taken

@@ -47,6 +47,15 @@ def test_multimodal_fixture_is_exact(name, world_size):
             assert any(re.search(pattern, n) for n in checked), (pattern, checked)
 
 
+@pytest.mark.parametrize("name", ["mini_vlm", "hf_llava"])
+def test_length_equal_to_head_dim(name):
+    """Text head_dim 8 at seq_len 8: the rotary tables [B, S, head_dim] are shaped like an [S, S]
+    mask; the forward's parameter names (mini_vlm passes cos, sin positionally; HF passes
+    position_embeddings=(cos, sin)) say they are per-position and get sharded."""
+    result = verify_file(fixture(name), impl="autosp-wrap", world_size=2, seq_len=8)
+    assert result.status == "pass", (result.error, result.failures)
+
+
 # bug -> the fixture and length that expose it
 NEGATIVE_CONTROLS = [
     ("local_attention", "hf_vit", 13),
@@ -65,10 +74,24 @@ def test_planted_bug_is_caught(bug, name, seq_len, monkeypatch):
 
 
 @pytest.mark.parametrize("seq_len", [8, 7])
-def test_ulysses_vit_attention_by_hand(seq_len):
-    """UlyssesSPViTAttention alone: a class token, pooling over patches outside attention, padding."""
-    impl = f"{HERE}/wrap_impls.py:manual_vit_attention"
-    assert verify_file(ONE_ATTENTION, impl=impl, world_size=4, seq_len=seq_len).status == "pass"
+@pytest.mark.parametrize("layout", ["manual_vit_attention", "manual_vit_attention_deepspeed_layout"])
+def test_ulysses_vit_attention_by_hand(layout, seq_len):
+    """UlyssesSPViTAttention alone: a class token (sharded as an ordinary position, or first on
+    every rank as in DeepSpeed with has_cls_token=True), pooling over patches outside attention,
+    padding."""
+    result = verify_file(ONE_ATTENTION, impl=f"{HERE}/wrap_impls.py:{layout}", world_size=4, seq_len=seq_len)
+    assert result.status == "pass", (result.error, result.failures[:3])
+
+
+def test_class_token_layouts_mixed_up():
+    """Negative control: DeepSpeed's layout with the class token taken as an ordinary position
+    fails the check; the sharded layout declared has_cls_token=True is refused by name."""
+    ignored = verify_file(ONE_ATTENTION, impl=f"{HERE}/wrap_impls.py:deepspeed_layout_cls_ignored", world_size=4,
+                          seq_len=9)  # 8 patches: P divides them, so no length check can catch it
+    assert ignored.status == "fail", (ignored.status, ignored.error)
+    mixed = verify_file(ONE_ATTENTION, impl=f"{HERE}/wrap_impls.py:sharded_cls_taken_for_replicated", world_size=4,
+                        seq_len=8)
+    assert mixed.status == "unsupported" and "has_cls_token=False" in mixed.error, (mixed.status, mixed.error)
 
 
 def test_cli_runs_autosp_wrap(capsys):
@@ -112,11 +135,28 @@ def test_registered_attention_class_is_detected():
     assert list(info.blocks) == ["layers.0", "layers.1"] and len(info.vit_attn_modules) == 2
 
 
+def test_attention_that_is_itself_the_list_item_is_its_own_block():
+    model = nn.Module()
+    model.layers = nn.ModuleList([MyAttention(), MyAttention()])
+    register_attention("MyAttention", "vision")
+    assert list(detect_model_sp_info(model).blocks) == ["layers.0", "layers.1"]
+
+
+@pytest.mark.parametrize("seq_len", [9, 8])
+def test_timm_style_blocks_in_nn_sequential_are_exact(seq_len):
+    result = verify_file(os.path.join(HERE, "sequential_vit_model.py"), impl="autosp-wrap", world_size=4,
+                         seq_len=seq_len)
+    assert result.status == "pass", (result.status, result.error, result.failures[:3])
+    assert any(t["name"].startswith("grad blocks.1.attn") for t in result.tensors if t["passed"])
+    measured = result.accounting["collectives"]["measured"]
+    assert measured["all_to_all"] == 2 * 4 * 2, measured  # 2 blocks x (q, k, v, out) x (forward, backward)
+
+
 def test_attention_outside_a_layer_list_is_refused():
     model = nn.Module()
     model.attn = MyAttention()
     register_attention("MyAttention", "vision")
-    with pytest.raises(AutoSPError, match="not inside a layer held by an nn.ModuleList"):
+    with pytest.raises(AutoSPError, match="neither an item of an nn.ModuleList or nn.Sequential nor inside one"):
         detect_model_sp_info(model)
 
 
@@ -203,3 +243,14 @@ def test_collectives_counted_with_the_gathers():
     measured = result.accounting["collectives"]["measured"]
     assert (measured["all_gather"], measured["reduce_scatter"], measured["all_reduce"]) == (3, 1, 1)
     assert measured["bytes_sent"] > result.accounting["collectives"]["minimum"]["bytes_sent"]
+
+
+def test_deepspeed_users_code_meets_its_exceptions():
+    """DeepSpeed's AutoSP raises ValueError for a model it cannot handle, and its
+    LlavaFusionAdapter takes (projector, group, image_token_id=...): both answered by name."""
+    from autosp.multimodal import fusion
+    with pytest.raises(ValueError, match="no known vision or language attention"):
+        auto_wrap_model_for_sp(Plain(), process_group=object())
+    projector = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8))
+    with pytest.raises(AutoSPError, match="DeepSpeed's signature .* auto_wrap_model_for_sp"):
+        fusion.LlavaFusionAdapter(projector, object(), image_token_id=32000)

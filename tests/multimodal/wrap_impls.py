@@ -67,10 +67,10 @@ BUGS = {f.__name__: f for f in (local_attention, every_rank_counts, gather_witho
                                  padding_reaches_loss)}
 
 
-def manual_vit_attention(model, group):
-    """For one_attention_model.py: shard after the embedding (class token included),
-    UlyssesSPViTAttention around the attention, gather before the head."""
-    attn = UlyssesSPViTAttention(model.attn, group, has_cls_token=True)
+def manual_vit_attention(model, group, has_cls_token=False):
+    """For one_attention_model.py: shard after the embedding (class token included, an ordinary
+    position), UlyssesSPViTAttention around the attention, gather before the head."""
+    attn = UlyssesSPViTAttention(model.attn, group, has_cls_token=has_cls_token)
 
     def step(x, labels):
         full = model.embed(x)
@@ -79,3 +79,28 @@ def manual_vit_attention(model, group):
         hidden = collectives.gather_chunks(chunk, 1, layout, group)
         return {"loss": collectives.count_once(model.loss(hidden, labels), group)}
     return step
+
+
+def manual_vit_attention_deepspeed_layout(model, group, has_cls_token=True, pass_length=True):
+    """DeepSpeed's layout: the class token first on every rank, then this rank's chunk of the patches."""
+    attn = UlyssesSPViTAttention(model.attn, group, has_cls_token=has_cls_token)
+
+    def step(x, labels):
+        full = model.embed(x)
+        patches = ChunkLayout.of(full.shape[1] - 1, group)
+        local = torch.cat([full[:, :1], collectives.shard_chunk(full[:, 1:], 1, patches, group)], 1)
+        out = attn(local, length=patches.length) if pass_length else attn(local)
+        hidden = torch.cat([out[:, :1], collectives.gather_chunks(out[:, 1:], 1, patches, group)], 1)
+        return {"loss": collectives.count_once(model.loss(hidden, labels), group)}
+    return step
+
+
+def deepspeed_layout_cls_ignored(model, group):
+    """Negative control: DeepSpeed's layout with has_cls_token=False and no length (as DeepSpeed is
+    called): attention sees the class token P times."""
+    return manual_vit_attention_deepspeed_layout(model, group, has_cls_token=False, pass_length=False)
+
+
+def sharded_cls_taken_for_replicated(model, group):
+    """Bad input: the class token sharded as an ordinary position, has_cls_token=True."""
+    return manual_vit_attention(model, group, has_cls_token=True)

@@ -2,7 +2,9 @@
 
 Covers what the passes must get right: GQA through ``enable_gqa`` or an explicit ``repeat_kv``,
 ``is_causal`` or an explicit mask built from a 2-D padding mask, positions passed or built from
-``arange`` inside the model, RoPE, RMSNorm, SwiGLU, and the HF-5 shifted-label loss.
+``arange`` inside the model, RoPE, RMSNorm, SwiGLU, and the HF-5 shifted-label loss; or
+bidirectional attention (no mask, or padding only); and a KV cache the forward builds but never
+reads (``use_cache=True`` in a training forward).
 """
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ class LMConfig:
     vocab: int = 32
     gqa_in_sdpa: bool = True  # False: repeat_kv before attention, as HF does
     explicit_mask: bool = False  # True: a [B, 1, S, S] boolean mask instead of is_causal
+    causal: bool = True  # False: bidirectional (an encoder): is_causal=False, or a mask of padding only
+    cache: bool = False  # True: keys and values concatenated onto an empty cache, as HF's DynamicCache
 
     @property
     def hidden(self):
@@ -51,12 +55,14 @@ class Block(nn.Module):
         q = self.q(h).view(B, S, c.heads, c.head_dim).transpose(1, 2)
         k, v = self.kv(h).view(B, S, 2 * c.kv_heads, c.head_dim).transpose(1, 2).chunk(2, dim=1)
         q, k = _rope(q, positions), _rope(k, positions)
+        if c.cache:  # DynamicCache.update on a fresh cache: torch.cat([empty, new], dim=-2)
+            k, v = (torch.cat([t.new_empty(B, c.kv_heads, 0, c.head_dim), t], dim=-2) for t in (k, v))
         gqa = c.heads != c.kv_heads
         if gqa and not c.gqa_in_sdpa:
             rep = c.heads // c.kv_heads
             k = k[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
             v = v[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and c.causal,
                                            enable_gqa=gqa and c.gqa_in_sdpa)
         x = x + self.o(a.transpose(1, 2).reshape(B, S, -1))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
@@ -78,7 +84,8 @@ class ConfigurableLM(nn.Module):
         mask = None
         if self.c.explicit_mask or attention_mask is not None:
             idx = torch.arange(S)
-            mask = (idx[None, :] <= idx[:, None])[None, None].expand(B, 1, S, S)
+            visible = idx[None, :] <= idx[:, None] if self.c.causal else idx[None, :] >= 0
+            mask = visible[None, None].expand(B, 1, S, S)
             if attention_mask is not None:
                 mask = mask & attention_mask.bool()[:, None, None, :]
                 mask = mask | torch.eye(S, dtype=torch.bool)  # every query sees itself: no empty row

@@ -1,5 +1,6 @@
 """Property: for every architecture and shape drawn, autosp on P threaded ranks matches one device
-(loss, logits, every gradient) within the per-dtype tolerance.
+(loss, logits, every gradient) within the per-dtype tolerance: causal or bidirectional, with or
+without a mask, with or without a KV cache built in the forward.
 
 Values are built, not filtered: query heads are a multiple of the kv heads, and at least P (fewer
 is a documented refusal, tested in tests/compiler); P need not divide the query heads (padded
@@ -25,7 +26,8 @@ def cases(draw):
         heads = kv_heads * -(-world_size // kv_heads)
     config = LMConfig(heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([2, 4])),
                       layers=draw(st.integers(1, 2)), vocab=VOCAB,
-                      gqa_in_sdpa=draw(st.booleans()), explicit_mask=draw(st.booleans()))
+                      gqa_in_sdpa=draw(st.booleans()), explicit_mask=draw(st.booleans()),
+                      causal=draw(st.booleans()), cache=draw(st.booleans()))
     return dict(config=config, world_size=world_size, seq_len=draw(st.integers(2, 3 * world_size + 3)),
                 batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([torch.float64, torch.float32])),
                 positions=draw(st.booleans()), padding_mask=draw(st.booleans()), seed=draw(st.integers(0, 3)))
