@@ -158,5 +158,6 @@ def main(argv=None) -> int:
     return run(config)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the command: supervised (supervise.py)
+    from autosp_verify.supervise import main as supervised_main
+    sys.exit(supervised_main())

@@ -18,7 +18,7 @@ from torch import nn
 
 from autosp_verify.compare import non_finite
 from autosp_verify.impls import is_refusal, resolve_impl
-from autosp_verify.model_file import ModelFileError, load_model_file
+from autosp_verify.model_file import USER_CODE_ERRORS, ModelFileError, load_model_file
 from autosp_verify.outputs import OutputError, split_output
 from autosp_verify.probes import make_probes
 from autosp_verify.simulators.base import RankError, RankFailure
@@ -74,7 +74,7 @@ def _seeded_model(model_fn, spec: CaseSpec) -> nn.Module:
         torch.manual_seed(spec.seed)
         try:
             made = model_fn()
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             raise ModelFileError(f"{where}: model_fn() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(made, nn.Module):
         raise ModelFileError(f"{where}: model_fn() returned {type(made).__name__}, not an nn.Module")
@@ -96,7 +96,7 @@ def build_case(model_fn, inputs_fn, spec: CaseSpec):
     where = describe_model(spec.model)
     try:
         batch = inputs_fn(spec.batch, spec.seq_len, generator)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise ModelFileError(f"{where}: inputs_fn() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(batch, dict):
         raise ModelFileError(f"{where}: inputs_fn() returned {type(batch).__name__}, not a dict of kwargs")
@@ -131,7 +131,7 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         grads = _grads(loss, trainable(model))
     except OutputError as exc:
         raise ModelFileError(f"{where}: on one device, {exc}") from None
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
     _check_finite(where, loss, grads)
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
@@ -190,11 +190,11 @@ def rank_fn(ctx, payload):
     names = {id(p): n for n, p in trainable(model)}  # before the impl: a wrapper may move modules
     try:
         step = impl(model, ctx.group)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise _failure(ctx.rank, "prepare", exc) from exc
     try:
         out = step(**batch)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise _failure(ctx.rank, "step", exc) from exc
     try:
         loss, outputs = split_output(out)
@@ -205,7 +205,7 @@ def rank_fn(ctx, payload):
     try:
         named = [(names.get(id(p), n), p) for n, p in trainable(model)]
         grads = ctx.on_other_thread(lambda: _grads(loss, named))  # as CUDA's autograd runs it
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise _failure(ctx.rank, "backward", exc) from exc
     return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
             "grads": {n: g.detach().cpu() for n, g in grads.items()}, "probes": {p.name: p.collect() for p in probes}}

@@ -59,6 +59,8 @@ import sys
 import threading
 from typing import Callable
 
+from autosp_verify.model_file import USER_CODE_ERRORS
+
 
 class ImplUnavailable(Exception):
     """The named impl cannot be used here (not importable, not callable, not implemented yet)."""
@@ -151,7 +153,7 @@ def _load_callable(spec: str) -> Callable:
                 if os.getcwd() not in sys.path:
                     sys.path.append(os.getcwd())  # a console script's sys.path lacks the working dir
                 module = importlib.import_module(target)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         if name is not None:
             sys.modules.pop(name, None)
         raise ImplUnavailable(f"impl {spec!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+# What user code (model files, impls) may raise that must become a named error, not end the run:
+# SystemExit included (``sys.exit()`` at import, argparse in a model file). KeyboardInterrupt is not.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
+
 class ModelFileError(Exception):
     """The model file cannot be used: missing, broken, or its model fails on one device."""
 
@@ -47,7 +52,7 @@ def load_model_file(path: str) -> ModelFile:
         except SyntaxError as exc:
             del sys.modules[name]
             raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             del sys.modules[name]
             raise ModelFileError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from None
     fns = {}

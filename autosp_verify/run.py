@@ -5,14 +5,16 @@ ranks (the impl prepares and steps inside each) -> per-rank results -> compare -
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import pickle
 import tempfile
 
 import torch
 
-from autosp_verify.compare import check_structure, compare, structural_collectives, tolerance_for
+from autosp_verify.compare import check_structure, check_tensor, compare, structural_collectives, tolerance_for
 from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, lifted_recompile_limit, model_functions,
                                 rank_fn, reference)
 from autosp_verify.impls import impl_label, resolve_impl
@@ -75,9 +77,54 @@ def _diagnose(spec, sim, base, batch, tol, timeout):
     return first, trace
 
 
+def _reference_changed(ref, base, batch, spec, tol) -> str | None:
+    """Why the one-device reference is no longer what it was before the impl ran, or None.
+
+    An impl runs in this process (threaded, fake) or is imported here to be checked: one that
+    patches torch or the model's classes at import or while preparing (as SP libraries that
+    register attention functions do) would change the reference too, and be compared with itself.
+    So the reference is computed first and computed again after the ranks ran."""
+    again = reference(base, batch, dataclasses.replace(spec, probes=()))
+    checks = [check_tensor("loss", again.loss, ref.loss, tol)]
+    checks += [check_tensor(f"grad {n}", again.grads[n], g, tol) for n, g in ref.grads.items()]
+    changed = [c for c in checks if not c.passed]
+    if not changed:
+        return None
+    return (f"the impl changed the one-device model: the reference computed again after the impl ran differs "
+            f"({changed[0].describe()}; {len(changed)} of {len(checks)} tensors). Something the impl imports "
+            "or runs patches torch or the model's classes for every model in the process (e.g. registers an "
+            "attention function); the verdict would compare the impl with itself")
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """What a case may change for the whole process, as it was before: ``sys.excepthook`` (every
+    threaded rank's ``init_process_group`` wraps it with a rank prefix and nothing unwraps it),
+    the default dtype, and Dynamo's config (impls set options)."""
+    hook, dtype = sys.excepthook, torch.get_default_dtype()
+    dynamo = torch._dynamo.config.get_config_copy()
+    try:
+        yield
+    finally:
+        sys.excepthook = hook
+        torch.set_default_dtype(dtype)
+        now = torch._dynamo.config.get_config_copy()  # (getattr warns on deprecated keys)
+        for key, value in dynamo.items():
+            if now.get(key) != value:
+                setattr(torch._dynamo.config, key, value)
+
+
 def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
              rtol: float | None = None, atol: float | None = None, diagnose: bool = True,
              accounting: bool = True, memory: bool = False, compile_time: bool = False) -> CaseResult:
+    """Run one case (see ``_run_case``); the process's global state is restored after it."""
+    with process_state_restored():
+        return _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
+                         compile_time)
+
+
+def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
+              compile_time) -> CaseResult:
     """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input.
     A failing case is run once more to find its first divergence (``diagnose``). ``accounting``:
     collectives against the Ulysses minimum; ``memory``: also activation memory per rank (runs
@@ -87,12 +134,12 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
             raise ValueError(f"{name} must be a positive integer, got {getattr(spec, name)!r}")
     sim = get_simulator(simulator)
     tol = tolerance_for(DTYPES[spec.dtype], rtol, atol)
-    resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     if accounting and "accounting" not in spec.probes:
         spec = dataclasses.replace(spec, probes=(*spec.probes, "accounting"))
     model_fn, file_inputs_fn = model_functions(spec.model)
     base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
-    ref = reference(base, batch, spec)
+    ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
+    resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
     try:
@@ -103,6 +150,10 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
         return result
     except SimulatorUnavailable as exc:
         result.status, result.error = "skipped", str(exc)
+        return result
+    tampered = _reference_changed(ref, base, batch, spec, tol)
+    if tampered:
+        result.error = tampered
         return result
     if accounting:
         from autosp_verify.accounting import account_case

@@ -65,8 +65,11 @@ def attention(ctx) -> None:
                 stands_for(k2, k), stands_for(v2, v)
             factored = None if (mask is None and is_causal) else _factor(ctx, node, mask, dropout)
             if factored is not None:
-                scale = call_arg(node, 6, "scale") or default_scale(int(example_value(q).shape[-1]))
-                both = g.call_function(MASKED, (q2, k2, v2, factored.leaves, factored.program,
+                scale, q_in = call_arg(node, 6, "scale"), q2
+                if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
+                    q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
+                scale = scale or default_scale(int(example_value(q).shape[-1]))
+                both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
                                                 ctx.seq.node, float(scale), gqa, ctx.block_elements))
                 attn = g.call_function(operator.getitem, (both, 0))
                 ctx.counters["masked_attention"] += 1

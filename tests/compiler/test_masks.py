@@ -199,3 +199,27 @@ def test_a_mask_the_model_is_given_whole_is_exact_and_said():
                         seq_len=9)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert autosp.COUNTERS["dense_mask"] >= 1
+
+
+def test_a_scale_dynamo_made_symbolic_is_applied():
+    """Two Qwen2 widths in one process: HF's attention passes ``scaling`` (head_dim ** -0.5) as a
+    Python float; after seeing two values Dynamo makes it a symbolic input of the graph, which
+    the masked attention takes through q (it crashed in the backend: float() of a graph node)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from fixtures import hf_qwen2
+
+    def model_fn(heads):
+        return lambda: Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=hf_qwen2.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=heads,
+            num_key_value_heads=2, intermediate_size=64, attn_implementation="sdpa")).train()
+
+    def padded(batch, seq_len, generator):
+        inputs = hf_qwen2.inputs_fn(batch, seq_len, generator)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"][0, -3:] = 0  # a padding mask: the masked attention, not is_causal
+        return inputs
+
+    torch._dynamo.reset()
+    for heads in (8, 4, 2):  # head_dim 4, 8, 16: three scales
+        result = verify(model_fn(heads), padded, impl="autosp-eager", world_size=2, seq_len=13)
+        assert result.passed, (heads, result.status, result.error, result.failures[:3])

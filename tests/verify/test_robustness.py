@@ -313,3 +313,15 @@ def test_gloo_refuses_a_model_fn_loaded_from_a_file_at_once(monkeypatch):
     monkeypatch.setattr(processes, "check_importable", lambda payload, simulator: None)
     r = verify(mf.model_fn, mf.inputs_fn, impl=ulysses(), simulator="gloo", timeout=30)
     assert r.status == "error" and "exited with code 1 before reporting" in r.error
+
+
+def test_a_case_leaves_the_process_as_it_found_it():
+    """Threaded ranks wrap sys.excepthook in init_process_group (a rank prefix) and nothing
+    unwraps it: after a case the hook, the default dtype and Dynamo's config are the caller's."""
+    import sys
+    hook, dtype = sys.excepthook, torch.get_default_dtype()
+    limit = torch._dynamo.config.recompile_limit
+    result = verify(tiny_model.model_fn, tiny_model.inputs_fn, impl="autosp-eager", world_size=4, seq_len=8)
+    assert result.passed, (result.status, result.error)
+    assert sys.excepthook is hook
+    assert torch.get_default_dtype() == dtype and torch._dynamo.config.recompile_limit == limit

@@ -1,0 +1,97 @@
+"""The ``autosp-verify`` command's exit status comes only from a written verdict
+(autosp_verify/supervise.py): the real console script, run as a CI job runs it."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autosp_verify.cli import main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+COMMAND = shutil.which("autosp-verify", path=os.path.dirname(sys.executable)) or "autosp-verify"
+LLAMA = os.path.join(ROOT, "fixtures", "hf_llama.py")
+
+
+def _run(*args, **kwargs):
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def test_a_model_file_calling_sys_exit_at_import_is_named(tmp_path):
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\nsys.exit(0)\n")
+    assert main([str(path)]) == 2  # in process: the loader names it (usage error)
+
+
+def test_a_rank_ending_the_process_is_no_verdict_and_fails():
+    result = _run(LLAMA, "--impl", f"{HERE}/exiting_code.py:exits_on_rank1")
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "ended without a verdict (exit status 0)" in result.stderr
+    control = _run(LLAMA, "--impl", "autosp-eager")
+    assert control.returncode == 0 and "verdict: pass" in control.stdout, (control.stdout, control.stderr)
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except OSError:
+                pass
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_ends_every_rank_and_removes_the_temp_folder():
+    proc = subprocess.Popen([COMMAND, LLAMA, "--simulator", "gloo", "--impl", f"{HERE}/exiting_code.py:sleeps"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_descendants(proc.pid)) < 3:  # the child and its 2 ranks
+        time.sleep(0.5)
+    family = _descendants(proc.pid)
+    assert len(family) >= 3, family
+    with open(f"/proc/{family[0]}/environ", "rb") as f:
+        folder = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"TMPDIR"].decode()
+    assert os.path.isdir(folder)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    time.sleep(0.5)
+    assert not [p for p in family if _alive(p)], [p for p in family if _alive(p)]
+    assert not os.path.exists(folder)
+
+
+def test_an_impl_patching_torch_at_import_cannot_pass():
+    """The reference runs before the impl is imported and again after it ran: an impl that drops
+    is_causal for the whole process (reference included) is an error, not a PASS."""
+    import torch.nn.functional as F
+    from autosp_verify import verify_file
+    original = F.scaled_dot_product_attention
+    try:
+        result = verify_file(LLAMA, impl=f"{HERE}/patching_impl.py:patched", world_size=2, seq_len=13)
+    finally:
+        F.scaled_dot_product_attention = original
+    assert result.status == "error" and "the impl changed the one-device model" in result.error, \
+        (result.status, result.error)
+    control = verify_file(LLAMA, impl="autosp-eager", world_size=2, seq_len=13)
+    assert control.status == "pass", (control.status, control.error)
