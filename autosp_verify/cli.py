@@ -10,6 +10,7 @@ checked here (e.g. --simulator nccl without enough GPUs).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Config:
     memory: bool = False
     compile_time: bool = False
     report: str | None = None
+    steps: int = 2
 
 
 def _int_list(text: str) -> tuple:
@@ -60,6 +62,42 @@ def _positive_int(text: str) -> int:
     if len(values) != 1:
         raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
     return values[0]
+
+
+def _number(low: float, low_ok: bool):
+    """argparse type: a finite float above ``low`` (or equal to it when ``low_ok``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if low_ok else '>'} {low:g}, got {text!r}")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected 0 <= seed < 2**63, got {text!r}")
+    return value
+
+
+def _output_problem(path: str, directory: bool) -> str | None:
+    """Why ``path`` cannot be written (checked before any case runs), or None."""
+    target = os.path.abspath(path)
+    if directory and os.path.isdir(target):
+        return None if os.access(target, os.W_OK) else "not writable"
+    if os.path.isdir(target):
+        return "is a directory"
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        return f"its folder {parent} does not exist"
+    return None if os.access(parent, os.W_OK) else f"its folder {parent} is not writable"
 
 
 def _dtype_list(text: str) -> tuple:
@@ -81,11 +119,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=2)
     p.add_argument("--dtype", choices=list(DTYPES), default="float64")
     p.add_argument("--simulator", choices=NAMES, default="threaded")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a run counts as hung (default 120)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--steps", type=_positive_int, default=2, help="batches the impl's prepared step runs on, "
+                   "each another draw of inputs_fn, each compared (default 2: catches state kept from the "
+                   "first call)")
+    p.add_argument("--timeout", type=_number(0, False), default=120.0, help="seconds before a run counts as hung (default 120)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
-    p.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
-    p.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    p.add_argument("--rtol", type=_number(0, True), help="override the dtype's relative tolerance")
+    p.add_argument("--atol", type=_number(0, True), help="override the dtype's absolute tolerance")
     p.add_argument("--junit-xml", metavar="PATH", help="also write a JUnit XML report, one testcase per case")
     p.add_argument("--explore", metavar="N", type=_positive_int, help="search N cases for a failure, shrink "
                    "it to the smallest, print the command reproducing it. Drawn: P from --world-size (default "
@@ -110,10 +151,21 @@ def _given_options(argv) -> frozenset:
 
 
 def parse_args(argv=None) -> Config:
-    a = get_parser().parse_args(argv)
+    parser = get_parser()
+    a = parser.parse_args(argv)
+    if a.explore:
+        alone = [flag for flag, given in (("--junit-xml", a.junit_xml), ("--report", a.report),
+                                          ("--memory", a.memory), ("--compile-time", a.compile_time)) if given]
+        if alone:
+            parser.error(f"{', '.join(alone)}: not supported with --explore (it reports one shrunk failure)")
+    for flag, path, directory in (("--json", a.json, False), ("--junit-xml", a.junit_xml, False),
+                                  ("--report", a.report, True)):
+        problem = path and _output_problem(path, directory)
+        if problem:
+            parser.error(f"{flag} {path}: {problem}")
     return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
                   a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
-                  report=a.report, junit_xml=a.junit_xml,
+                  report=a.report, junit_xml=a.junit_xml, steps=a.steps,
                   explore=a.explore, explore_dtypes=a.explore_dtypes,
                   explicit=_given_options(argv) if a.explore else frozenset())
 
@@ -127,7 +179,8 @@ def run(config: Config, out=None) -> int:
     try:
         for world_size in config.world_sizes:
             for seq_len in config.seq_lens:
-                spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed)
+                spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed,
+                                steps=config.steps)
                 cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol,
                                       memory=config.memory, compile_time=config.compile_time))
     except (ModelFileError, ImplUnavailable, ValueError) as exc:

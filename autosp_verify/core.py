@@ -40,6 +40,7 @@ class CaseSpec:
     seed: int
     weights_path: str | None = None
     probes: tuple = ()  # names of probes (autosp_verify.probes) to run on every rank and the reference
+    steps: int = 2  # batches the impl's step runs on, each its own inputs_fn draw, each compared
 
 
 @dataclass
@@ -91,8 +92,17 @@ def _cast(value, dtype, device=None):
 
 def build_case(model_fn, inputs_fn, spec: CaseSpec):
     """The base model (seeded, copied, in the case dtype) and the batch (floats in the case dtype)."""
-    base = _seeded_model(model_fn, spec)
-    generator = torch.Generator().manual_seed(spec.seed)
+    return _seeded_model(model_fn, spec), make_batch(inputs_fn, spec, spec.seed)
+
+
+def later_batches(inputs_fn, spec: CaseSpec) -> list:
+    """The batches of steps 2..``spec.steps``: other draws of ``inputs_fn`` (other tokens, padding,
+    documents), so that a step that keeps something of the first call is caught."""
+    return [make_batch(inputs_fn, spec, spec.seed + 1000 * i) for i in range(1, spec.steps)]
+
+
+def make_batch(inputs_fn, spec: CaseSpec, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
     where = describe_model(spec.model)
     try:
         batch = inputs_fn(spec.batch, spec.seq_len, generator)
@@ -100,7 +110,7 @@ def build_case(model_fn, inputs_fn, spec: CaseSpec):
         raise ModelFileError(f"{where}: inputs_fn() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(batch, dict):
         raise ModelFileError(f"{where}: inputs_fn() returned {type(batch).__name__}, not a dict of kwargs")
-    return base, {k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}
+    return {k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}
 
 
 def trainable(model: nn.Module):
@@ -151,8 +161,8 @@ def _check_finite(where, loss, grads):
 class LoadedCase:
     """An in-memory case: the base model is never handed out, only deep copies of it."""
 
-    def __init__(self, spec: CaseSpec, base: nn.Module, batch: dict):
-        self.spec, self._base, self._batch = spec, base, batch
+    def __init__(self, spec: CaseSpec, base: nn.Module, batch: dict, later: list = ()):
+        self.spec, self._base, self._batches = spec, base, [batch, *later]
         self._lock = threading.Lock()  # copies are made one at a time, whatever thread asks
 
     @classmethod
@@ -161,14 +171,15 @@ class LoadedCase:
         base = _seeded_model(model_fn, spec)
         saved = torch.load(spec.weights_path, weights_only=True)
         base.load_state_dict(saved["state_dict"])
-        return cls(spec, base, saved["batch"])
+        return cls(spec, base, saved["batch"], saved.get("later", ()))
 
     def replica(self, device) -> nn.Module:
         with self._lock:
             return copy.deepcopy(self._base).to(device)
 
-    def batch_for(self, device) -> dict:
-        return {k: _cast(v, DTYPES[self.spec.dtype], device) for k, v in self._batch.items()}
+    def batches_for(self, device) -> list:
+        """Step 1's batch, then the later steps' (``later_batches``)."""
+        return [{k: _cast(v, DTYPES[self.spec.dtype], device) for k, v in b.items()} for b in self._batches]
 
 
 def _failure(rank, stage, exc) -> RankError:
@@ -179,9 +190,10 @@ def _failure(rank, stage, exc) -> RankError:
 
 
 def rank_fn(ctx, payload):
-    """One rank: prepare the impl on a replica, step on the full batch, take this rank's grads."""
+    """One rank: prepare the impl on a replica, step on the full batch, take this rank's grads;
+    then the same prepared step on each later batch (``later``: loss, outputs, grads)."""
     case = payload if isinstance(payload, LoadedCase) else LoadedCase.from_spec(payload)
-    model, batch = case.replica(ctx.device), case.batch_for(ctx.device)
+    model, (batch, *later) = case.replica(ctx.device), case.batches_for(ctx.device)
     impl = resolve_impl(case.spec.impl)
     probes = make_probes(case.spec, on_reference=False)
     for probe in probes:
@@ -192,23 +204,31 @@ def rank_fn(ctx, payload):
         step = impl(model, ctx.group)
     except USER_CODE_ERRORS as exc:
         raise _failure(ctx.rank, "prepare", exc) from exc
-    try:
-        out = step(**batch)
-    except USER_CODE_ERRORS as exc:
-        raise _failure(ctx.rank, "step", exc) from exc
-    try:
-        loss, outputs = split_output(out)
-    except OutputError as exc:
-        raise RankError(RankFailure(ctx.rank, "error", f"rank {ctx.rank} (step): {exc}")) from exc
-    for probe in probes:
-        probe.after_forward(loss, outputs)
-    try:
-        named = [(names.get(id(p), n), p) for n, p in trainable(model)]
-        grads = ctx.on_other_thread(lambda: _grads(loss, named))  # as CUDA's autograd runs it
-    except USER_CODE_ERRORS as exc:
-        raise _failure(ctx.rank, "backward", exc) from exc
-    return {"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
-            "grads": {n: g.detach().cpu() for n, g in grads.items()}, "probes": {p.name: p.collect() for p in probes}}
+    named, watched, results = None, {}, []
+    for number, inputs in enumerate([batch, *later], 1):
+        stage = "step" if number == 1 else f"step {number}"
+        try:
+            out = step(**inputs)
+        except USER_CODE_ERRORS as exc:
+            raise _failure(ctx.rank, stage, exc) from exc
+        try:
+            loss, outputs = split_output(out)
+        except OutputError as exc:
+            raise RankError(RankFailure(ctx.rank, "error", f"rank {ctx.rank} ({stage}): {exc}")) from exc
+        if number == 1:
+            for probe in probes:
+                probe.after_forward(loss, outputs)
+            named = [(names.get(id(p), n), p) for n, p in trainable(model)]
+        try:
+            grads = ctx.on_other_thread(lambda: _grads(loss, named))  # as CUDA's autograd runs it
+        except USER_CODE_ERRORS as exc:
+            raise _failure(ctx.rank, "backward" if number == 1 else f"backward {number}", exc) from exc
+        results.append({"loss": loss.detach().cpu(), "outputs": {n: t.detach().cpu() for n, t in outputs.items()},
+                        "grads": {n: g.detach().cpu() for n, g in grads.items()}})
+        if number == 1:  # probes watch step 1 only (its collectives, its saved tensors)
+            watched = {p.name: p.collect() for p in probes}
+    first, *rest = results
+    return {**first, "later": rest, "probes": watched}
 
 
 def _warm_up(payload, world_size):
@@ -222,7 +242,7 @@ def _warm_up(payload, world_size):
     if hook is None:
         return
     try:
-        hook(case.replica("cpu"), world_size, case.batch_for("cpu"))
+        hook(case.replica("cpu"), world_size, case.batches_for("cpu")[0])
     except Exception:
         pass
 

@@ -21,6 +21,8 @@ backward (through an op consuming that value) went wrong.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import math
 import threading
@@ -215,10 +217,23 @@ class RecordProbe(Probe):
 
     def collect(self):
         _CURRENT.recorder = None
-        return {"level": "op" if self.op_level else "module", "entries": self.recorder.entries}
+        # plain dicts: process simulators send results through torch.load(weights_only=True)
+        return {"level": "op" if self.op_level else "module",
+                "entries": [dataclasses.asdict(e) for e in self.recorder.entries]}
 
 
 # --- locating the first divergence ----------------------------------------------------------------
+
+def _entries(recorded) -> list:
+    """A recording's entries as ``Entry`` (they travel as dicts, tuples as lists)."""
+    out = []
+    for e in recorded["entries"]:
+        e = dict(e)
+        e["seq"] = tuple(e["seq"]) if e.get("seq") is not None else None
+        e["users"] = tuple(e.get("users", ()))
+        out.append(Entry(**e))
+    return out
+
 
 def _along(values, dim, inner, length):
     """Rank shards of a sequence dim (``inner`` elements per position, padded to ceil(S/P) per
@@ -283,9 +298,10 @@ def _describe(entry, check, values, ref, phase, last_match):
 
 def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = None):
     """(first_divergence or None, trace): the trace lists every compared value in order."""
-    ref_entries = {e.name: e for e in reference["entries"]}
-    per_rank = [{e.name: e for e in r["entries"]} for r in ranks]
-    order = [e for e in ranks[0]["entries"] if e.key in ref_entries]
+    reference, ranks = _entries(reference), [_entries(r) for r in ranks]
+    ref_entries = {e.name: e for e in reference}
+    per_rank = [{e.name: e for e in r} for r in ranks]
+    order = [e for e in ranks[0] if e.key in ref_entries]
     trace, first = [], None
     for phase in ("forward", "backward"):
         last_match = None

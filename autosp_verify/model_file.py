@@ -6,6 +6,7 @@ Every problem comes back as a :class:`ModelFileError` with a one-line message na
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -36,10 +37,27 @@ def _module_name(path: str) -> str:
     return f"autosp_verify_model_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
+@contextlib.contextmanager
+def _as_a_script(path: str):
+    """Import ``path`` as ``python path`` would: its folder on sys.path (it may import a module
+    beside it, now or when model_fn runs: the folder stays), and a sys.argv of its own (a file
+    that parses arguments at import must not read the verifier's)."""
+    folder, saved_argv = os.path.dirname(path), sys.argv
+    if folder not in sys.path:
+        sys.path.append(folder)
+    sys.argv = [path]
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+
+
 def load_model_file(path: str) -> ModelFile:
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
+    if not path.endswith(".py"):
+        raise ModelFileError(f"{path}: not a .py file (a model file defines model_fn and inputs_fn in Python)")
     name = _module_name(path)
     if name in sys.modules:
         module = sys.modules[name]
@@ -48,7 +66,8 @@ def load_model_file(path: str) -> ModelFile:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look classes up here
         try:
-            spec.loader.exec_module(module)
+            with _as_a_script(path):
+                spec.loader.exec_module(module)
         except SyntaxError as exc:
             del sys.modules[name]
             raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None

@@ -15,8 +15,8 @@ import tempfile
 import torch
 
 from autosp_verify.compare import check_structure, check_tensor, compare, structural_collectives, tolerance_for
-from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, lifted_recompile_limit, model_functions,
-                                rank_fn, reference)
+from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, later_batches, lifted_recompile_limit,
+                                model_functions, rank_fn, reference)
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
 from autosp_verify.simulators import SimulationError, SimulatorUnavailable, get_simulator
@@ -33,9 +33,15 @@ def _dtype_name(dtype) -> str:
     return names[dtype]
 
 
-def _payload(sim, spec, base, batch, folder):
+def _steps(steps) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def _payload(sim, spec, base, batch, later, folder):
     if sim.in_process:
-        return LoadedCase(spec, base, batch)
+        return LoadedCase(spec, base, batch, later)
     if not isinstance(spec.impl, str):
         raise ValueError(f"the {sim.name} simulator runs ranks in other processes: pass the impl as a "
                          "'MODULE:CALLABLE' or 'file.py:CALLABLE' string, not a callable")
@@ -45,14 +51,17 @@ def _payload(sim, spec, base, batch, folder):
         raise ValueError(f"the {sim.name} simulator needs a model file path or a model_fn defined at module "
                          "level (it is rebuilt in every rank's process)") from None
     path = os.path.join(folder, "weights.pt")
-    torch.save({"state_dict": base.state_dict(), "batch": batch}, path)
+    torch.save({"state_dict": base.state_dict(), "batch": batch, "later": list(later)}, path)
     return dataclasses.replace(spec, weights_path=path)
 
 
-def simulate(sim, spec, base, batch, timeout) -> list:
-    """The ranks' results for this case on ``sim`` (raises what the simulator raises)."""
+def simulate(sim, spec, base, batch, timeout, later=()) -> list:
+    """The ranks' results for this case on ``sim`` (raises what the simulator raises). ``later``:
+    the batches of steps 2.. (``spec.steps`` of them in all); reruns pass none and one step."""
+    if len(later) != spec.steps - 1:
+        spec = dataclasses.replace(spec, steps=1 + len(later))
     with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder, lifted_recompile_limit():
-        return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, folder), timeout)
+        return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, later, folder), timeout)
 
 
 def _diagnose(spec, sim, base, batch, tol, timeout):
@@ -136,14 +145,18 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     tol = tolerance_for(DTYPES[spec.dtype], rtol, atol)
     if accounting and "accounting" not in spec.probes:
         spec = dataclasses.replace(spec, probes=(*spec.probes, "accounting"))
+    if sim.structural:  # no numbers to compare: one step shows the structure
+        spec = dataclasses.replace(spec, steps=1)
     model_fn, file_inputs_fn = model_functions(spec.model)
     base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
+    later = later_batches(inputs_fn or file_inputs_fn, spec)
     ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
+    later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in later]
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
     try:
-        ranks = simulate(sim, spec, base, batch, timeout)
+        ranks = simulate(sim, spec, base, batch, timeout, later)
     except SimulationError as exc:
         result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
         result.error = exc.failure.message
@@ -175,6 +188,12 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     result.worst_tensor = {"name": worst.name, "abs_err": worst.abs_err, "rel_err": worst.rel_err}
     result.worst_grad = None if grad is None else {"name": grad.name.removeprefix("grad "), "rel_err": grad.rel_err}
     result.failures = cmp.failures()
+    for number, later_ref in enumerate(later_refs, 2):
+        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol)
+        if not step_cmp.passed:
+            result.status = "fail"
+            result.failures += [f"step {number} (other inputs, the same prepared step): {f}"
+                                for f in step_cmp.failures()]
     if not cmp.passed and diagnose:
         result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout)
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
@@ -183,16 +202,18 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
 
 
 def verify(model_fn, inputs_fn, *, impl="autosp", world_size=2, seq_len=16, batch=2, dtype=torch.float64,
-           simulator="threaded", seed=0, timeout=120.0, rtol=None, atol=None) -> CaseResult:
+           simulator="threaded", seed=0, timeout=120.0, rtol=None, atol=None, steps=2) -> CaseResult:
     """Check that ``impl`` makes ``model_fn``'s model sequence-parallel exactly. ``impl`` is a name,
-    'MODULE:CALLABLE', or (in-process simulators only) a callable following the impl protocol."""
-    spec = CaseSpec(model_fn, impl, world_size, seq_len, batch, _dtype_name(dtype), seed)
+    'MODULE:CALLABLE', or (in-process simulators only) a callable following the impl protocol.
+    ``steps``: batches the prepared step runs on (each another draw of ``inputs_fn``), each compared."""
+    spec = CaseSpec(model_fn, impl, world_size, seq_len, batch, _dtype_name(dtype), seed, steps=_steps(steps))
     return run_case(spec, inputs_fn, simulator, timeout, rtol, atol)
 
 
 def verify_file(path, **kwargs) -> CaseResult:
     """:func:`verify` for a model file (a .py defining model_fn and inputs_fn)."""
-    kw = {"impl": "autosp", "world_size": 2, "seq_len": 16, "batch": 2, "dtype": torch.float64, "seed": 0, **kwargs}
+    kw = {"impl": "autosp", "world_size": 2, "seq_len": 16, "batch": 2, "dtype": torch.float64, "seed": 0,
+          "steps": 2, **kwargs}
     spec = CaseSpec(os.path.abspath(path), kw.pop("impl"), kw.pop("world_size"), kw.pop("seq_len"), kw.pop("batch"),
-                    _dtype_name(kw.pop("dtype")), kw.pop("seed"))
+                    _dtype_name(kw.pop("dtype")), kw.pop("seed"), steps=_steps(kw.pop("steps")))
     return run_case(spec, None, **kw)

@@ -48,8 +48,16 @@ from autosp_verify.simulators.base import RankContext, RankFailure, SimulationEr
 
 # Several ranks share few cores: one intra-op thread each, no Inductor compile pool per child.
 # The flight recorder keeps each rank's last 64 collectives (sizes only; costs nothing measurable).
+def _loopback() -> str:
+    """The loopback interface's name: gloo ranks listen there only (with the user's
+    GLOO_SOCKET_IFNAME=eth0 they listened, unauthenticated, on a public interface)."""
+    import socket
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
-             "TORCH_FR_BUFFER_SIZE": "64"}
+             "TORCH_FR_BUFFER_SIZE": "64", "GLOO_SOCKET_IFNAME": _loopback()}
 _POLL_S = 0.02
 _ASK_EVERY_S = 0.5  # the parent asks for every rank's collectives this often while it waits
 _ANSWER_S = 1.0  # and waits this long for the answers when a run ends in a collective

@@ -41,6 +41,16 @@ def test_module_level_first_divergence_names_the_module(impl, phase, name, where
     assert result.divergence_trace and result.divergence_trace[0]["rel_err"] == 0.0
 
 
+@pytest.mark.multiproc
+def test_first_divergence_on_gloo_processes():
+    """The ranks' recordings travel back through torch.load(weights_only=True) as plain data."""
+    impl, phase, name, where = MODULE_CASES[0]
+    result = verify_file(TINY, impl=ulysses(impl), world_size=2, seq_len=16, simulator="gloo")
+    assert result.status == "fail"
+    first = result.first_divergence
+    assert (first.get("phase"), first.get("name")) == (phase, name), first["message"]
+
+
 # Op level (autosp pipelines with one rewrite broken; the rewritten graph is recorded node by node).
 OP_CASES = [
     ("per_rank_loss", "cross_entropy", "F.cross_entropy("),

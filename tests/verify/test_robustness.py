@@ -213,13 +213,13 @@ def test_same_seed_same_verdict_and_numbers_other_seed_other_inputs():
 # --- NaN or Inf from the impl where the reference has none is a failure, named -------------------
 
 def test_nan_loss_on_one_rank_is_a_named_failure():
-    r = verify_file(TINY, impl=broken("nan_loss_on_rank1"), world_size=2)
+    r = verify_file(TINY, impl=broken("nan_loss_on_rank1"), world_size=2, steps=1)  # one step: one line
     assert r.status == "fail" and math.isnan(r.loss_abs_err)
     assert r.failures == ["loss: abs err nan, rel err nan (NaN/Inf where the reference is finite: NaN on rank 1)"]
 
 
 def test_inf_in_one_ranks_gradient_is_a_named_failure():
-    r = verify_file(TINY, impl=broken("inf_grad_on_rank1"), world_size=2)
+    r = verify_file(TINY, impl=broken("inf_grad_on_rank1"), world_size=2, steps=1)
     assert r.status == "fail" and math.isnan(r.max_grad_rel_err) and r.worst_grad["name"] == "head.weight"
     expect = ("grad head.weight: abs err nan, rel err nan (NaN/Inf where the reference is finite: Inf in 1 of 512 "
               "entries, from rank 1)")
@@ -325,3 +325,16 @@ def test_a_case_leaves_the_process_as_it_found_it():
     assert result.passed, (result.status, result.error)
     assert sys.excepthook is hook
     assert torch.get_default_dtype() == dtype and torch._dynamo.config.recompile_limit == limit
+
+
+def test_a_second_step_catches_state_kept_from_the_first_call():
+    """--steps 2 (the default): the prepared step runs on a second draw of inputs_fn (other
+    padding); an impl that caches the first call's mask fails on it, and passes with one step."""
+    import os
+    padded = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "hf_olmo2_padded.py")
+    impl = os.path.join(os.path.dirname(__file__), "stateful_impls.py") + ":caches_first_mask"
+    caught = verify_file(padded, impl=impl, world_size=2, seq_len=13)
+    assert caught.status == "fail" and any(f.startswith("step 2") for f in caught.failures), \
+        (caught.status, caught.error, caught.failures[:3])
+    once = verify_file(padded, impl=impl, world_size=2, seq_len=13, steps=1)
+    assert once.status == "pass", (once.status, once.error, once.failures[:3])

@@ -90,3 +90,37 @@ def test_tolerance_overrides_reach_the_comparison(capsys):
     assert main([TINY, "--impl", ulysses("shard_then_shift"), "--rtol", "1e3"]) == 0
     config = parse_args([TINY, "--rtol", "1e-3", "--atol", "0"])
     assert (config.rtol, config.atol, config.world_sizes, config.impl) == (1e-3, 0.0, (2,), "autosp")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--timeout", "0"], "--timeout"), (["--timeout", "-5"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"), (["--rtol", "-1"], "--rtol"), (["--rtol", "nan"], "--rtol"),
+    (["--atol", "inf"], "--atol"), (["--seed", "1e23"], "--seed"), (["--seed", str(2 ** 70)], "--seed"),
+    (["--steps", "0"], "--steps"), (["--json", "/no/such/folder/r.json"], "--json"),
+    (["--junit-xml", "/no/such/folder/r.xml"], "--junit-xml"), (["--explore", "3", "--memory"], "--memory"),
+    (["--explore", "3", "--junit-xml", "r.xml"], "--junit-xml"),
+])
+def test_flags_are_checked_before_any_work(flags, named, capsys):
+    """Exit 2 naming the flag, before a model is loaded (no table is printed)."""
+    assert main([TINY, *flags]) == 2
+    out = capsys.readouterr()
+    assert named in out.err and "impl" not in out.out, (out.out, out.err)
+
+
+def test_model_files_load_as_scripts(tmp_path, capsys):
+    """A neighbour module imported at load, and argparse at import reading its own argv."""
+    (tmp_path / "helper_module_for_model.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny_for_model', {TINY!r})\n"
+        "tiny = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(tiny)\n")
+    (tmp_path / "model.py").write_text(textwrap.dedent("""
+        import argparse
+        args = argparse.ArgumentParser().parse_args()  # sees [this file], not the verifier's flags
+        from helper_module_for_model import tiny
+        model_fn, inputs_fn = tiny.model_fn, tiny.inputs_fn
+    """))
+    assert main([str(tmp_path / "model.py"), "--impl", "autosp-eager", "--world-size", "2"]) == 0
+    (tmp_path / "model.txt").write_text("")
+    assert main([str(tmp_path / "model.txt")]) == 2
+    assert "not a .py file" in capsys.readouterr().err
