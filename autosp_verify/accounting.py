@@ -340,6 +340,22 @@ def _collectives(spec, ref_data, rank_data):
     return out
 
 
+NO_SP_RATIO = 0.9  # a rank saving this share of one device's activations or more: no sequence split
+
+
+def sequence_parallel(ref_data, rank_data, world_size) -> dict | None:
+    """Whether the sequence was split, from what every case measures anyway: the activations
+    the largest rank saves for its backward over the one device's (about 1/P plus what stays
+    whole when it was; 1 or more when every rank ran the whole sequence, which is exact too).
+    None at P=1 or when nothing was recorded."""
+    ref_bytes = sum(b for _, b in ref_data.get("saved") or [])
+    ranks = [sum(b for _, b in d.get("saved") or []) for d in rank_data if d.get("saved") is not None]
+    if world_size < 2 or not ref_bytes or not ranks:
+        return None
+    ratio = max(ranks) / ref_bytes
+    return {"saved_ratio": ratio, "happened": ratio < NO_SP_RATIO}
+
+
 def _memory(spec, base, batch, batch2, rank_data, rank_data2):
     backend, how = _baseline_backend(rank_data)
     S2 = spec.seq_len + spec.world_size
@@ -381,6 +397,9 @@ def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory
     ranks = [r for r in ranks if r is not None]  # the fake simulator runs only some ranks
     rank_data = [(r.get("probes") or {}).get(NAME) or {} for r in ranks]
     result = {"collectives": _collectives(spec, ref_data, rank_data)}
+    sp = sequence_parallel(ref_data, rank_data, spec.world_size)
+    if sp is not None:
+        result["sequence_parallel"] = sp
     if memory and rank_data and all(d.get("saved") is not None for d in rank_data):
         batch2, ranks2 = None, None
         try:

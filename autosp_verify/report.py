@@ -111,6 +111,12 @@ def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
     return tuple(cells)
 
 
+def _no_sp(case) -> str:
+    """The verdict's mark for a case where every rank held the whole sequence (exact, not SP)."""
+    sp = (case.accounting or {}).get("sequence_parallel")
+    return f" (NO SP: a rank saves {sp['saved_ratio']:.2f}x one device)" if sp and not sp["happened"] else ""
+
+
 def format_table(cases) -> str:
     shown = any(c.accounting for c in cases)
     timed = any((c.accounting or {}).get("compile_s") for c in cases)
@@ -121,7 +127,7 @@ def format_table(cases) -> str:
     for c in cases:
         grad = "-" if c.worst_grad is None else f"{c.worst_grad['name']} ({_num(c.worst_grad['rel_err'])})"
         rows.append((c.impl, c.simulator, str(c.world_size), str(c.seq_len), _num(c.loss_abs_err), grad,
-                     *(_accounting_cells(c, measured, timed) if shown else ()), c.status.upper()))
+                     *(_accounting_cells(c, measured, timed) if shown else ()), c.status.upper() + _no_sp(c)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
@@ -143,4 +149,6 @@ def format_table(cases) -> str:
 def summary(cases) -> str:
     counts = {s: sum(c.status == s for c in cases) for s in ORDER}
     parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    unsplit = sum(bool(_no_sp(c)) for c in cases)
+    parts += f"; {unsplit} without sequence parallelism" if unsplit else ""
     return f"verdict: {verdict(cases)} ({len(cases)} case{'s' * (len(cases) != 1)}: {parts})"

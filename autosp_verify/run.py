@@ -17,6 +17,7 @@ import torch
 from autosp_verify.compare import check_structure, check_tensor, compare, structural_collectives, tolerance_for
 from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, later_batches, lifted_recompile_limit,
                                 model_functions, rank_fn, reference)
+from autosp_verify.deadline import DeadlineExceeded, deadline
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
 from autosp_verify.simulators import SimulationError, SimulatorUnavailable, get_simulator
@@ -128,8 +129,12 @@ def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: fl
              accounting: bool = True, memory: bool = False, compile_time: bool = False) -> CaseResult:
     """Run one case (see ``_run_case``); the process's global state is restored after it."""
     with process_state_restored():
-        return _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
-                         compile_time)
+        try:
+            return _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
+                             compile_time)
+        except DeadlineExceeded as exc:  # the reference or a warm-up on this thread
+            return CaseResult(impl_label(spec.impl), simulator, spec.world_size, spec.seq_len, spec.batch,
+                              _dtype_name(spec.dtype), status="error", error=str(exc))
 
 
 def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
@@ -150,8 +155,9 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     model_fn, file_inputs_fn = model_functions(spec.model)
     base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
     later = later_batches(inputs_fn or file_inputs_fn, spec)
-    ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
-    later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in later]
+    with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
+        ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
+        later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in later]
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
@@ -164,7 +170,8 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     except SimulatorUnavailable as exc:
         result.status, result.error = "skipped", str(exc)
         return result
-    tampered = _reference_changed(ref, base, batch, spec, tol)
+    with deadline(timeout, "the one-device reference, computed again after the ranks"):
+        tampered = _reference_changed(ref, base, batch, spec, tol)
     if tampered:
         result.error = tampered
         return result

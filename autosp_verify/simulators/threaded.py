@@ -31,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from autosp_verify.deadline import deadline, doing
 from autosp_verify.collective_log import record_threaded, snapshot, stall_message
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
@@ -116,8 +117,9 @@ def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout
             dist.destroy_process_group()
 
 
-def _timeout_failure(timeout, pending, log):
+def _timeout_failure(timeout, pending, log, threads):
     message, rank = stall_message(log.ranks, pending, len(log.ranks))
+    message += "".join(f"; rank {r} {doing(threads[r].ident)}" for r in sorted(pending))
     return RankFailure(rank, "timeout", f"timed out after {timeout:g} s: {message}", snapshot(log.ranks))
 
 
@@ -182,7 +184,8 @@ class ThreadedSimulator(Simulator):
         warm_up = getattr(rank_fn, "warm_up", None)
         with _RUN_LOCK:
             if warm_up is not None:  # on this thread, before any rank: compile once, not per rank
-                warm_up(payload, world_size)
+                with deadline(timeout, "the impl's warm-up (compiling once on this thread before the ranks start)"):
+                    warm_up(payload, world_size)
             return self._run(world_size, rank_fn, payload, timeout)
 
     def _run(self, world_size, rank_fn, payload, timeout):
@@ -197,20 +200,20 @@ class ThreadedSimulator(Simulator):
             for t in threads:
                 t.start()
             try:
-                return _collect(events, world_size, timeout, log)
+                return _collect(events, world_size, timeout, log, threads)
             except SimulationError as exc:
                 _abandon(threads, hung=exc.failure.kind == "timeout")
                 raise
 
 
-def _collect(events, world_size, timeout, log):
+def _collect(events, world_size, timeout, log, threads):
     deadline = time.monotonic() + timeout
     results, pending = [None] * world_size, set(range(world_size))
     while pending:
         try:
             rank, failure, value = events.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise SimulationError(_timeout_failure(timeout, pending, log)) from None
+            raise SimulationError(_timeout_failure(timeout, pending, log, threads)) from None
         if failure is not None:
             raise SimulationError(_explained(failure, log))
         results[rank] = value

@@ -15,8 +15,37 @@ def exits_on_rank1(model, group):
 
 
 def sleeps(model, group):
-    """Never returns (a hung rank), so the run is still going when the test stops it."""
+    """Never returns (a hung rank, in Python: a stopped thread leaves at its next bytecode)."""
     def step(**batch):
-        time.sleep(3600)
+        while True:
+            time.sleep(0.05)
     return step
 
+
+
+class _Spins:
+    """An impl whose warm-up (on the main thread, before the ranks) never returns."""
+
+    def __call__(self, model, group):
+        return lambda **batch: model(**batch)
+
+    def warm_up(self, model, world_size, batch):
+        while True:
+            time.sleep(0.01)
+
+
+spinning_warm_up = _Spins()
+
+
+def whole_sequence_everywhere(model, group):
+    """No sequence parallelism at all: every rank runs the whole sequence and its loss counts once
+    (exact, which the verifier must not mistake for SP)."""
+    from autosp.collectives import count_once
+
+    def step(**batch):
+        out = model(**batch)
+        logits = out["logits"]
+        chunk = -(-logits.shape[1] // dist.get_world_size(group))
+        mine = logits[:, dist.get_rank(group) * chunk:(dist.get_rank(group) + 1) * chunk]
+        return {"loss": count_once(out["loss"], group), "logits": count_once(mine, group)}
+    return step

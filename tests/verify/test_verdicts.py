@@ -1,5 +1,6 @@
-"""The ``autosp-verify`` command's exit status comes only from a written verdict
-(autosp_verify/supervise.py): the real console script, run as a CI job runs it."""
+"""The verifier says yes only when it should: the command's exit status comes only from a
+written verdict (autosp_verify/supervise.py; the real console script, as a CI job runs it), the
+reference cannot be patched by the impl, and an exact run without sequence parallelism is marked."""
 import os
 import shutil
 import signal
@@ -95,3 +96,14 @@ def test_an_impl_patching_torch_at_import_cannot_pass():
         (result.status, result.error)
     control = verify_file(LLAMA, impl="autosp-eager", world_size=2, seq_len=13)
     assert control.status == "pass", (control.status, control.error)
+
+
+def test_a_row_without_sequence_parallelism_is_marked(capsys):
+    """Every rank running the whole sequence is exact (PASS) but is not SP: the row and the
+    summary say so, from the saved activations every case measures; autosp-eager is not marked."""
+    assert main([os.path.join(HERE, "tiny_model.py"), "--impl", f"{HERE}/exiting_code.py:whole_sequence_everywhere",
+                 "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS (NO SP: a rank saves 1.00x one device)" in out and "1 without sequence parallelism" in out, out
+    assert main([os.path.join(HERE, "tiny_model.py"), "--impl", "autosp-eager", "--world-size", "2"]) == 0
+    assert "NO SP" not in capsys.readouterr().out
