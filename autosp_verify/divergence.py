@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from autosp_verify.compare import Tolerance, check_tensor
+from autosp_verify.compare import TensorCheck, Tolerance, check_tensor
 from autosp_verify.impls import resolve_impl
 from autosp_verify.probes import Probe, register
 
@@ -149,7 +149,7 @@ def _reference_graph_run(model):
 
 def _module_source(module) -> str:
     try:
-        fn = type(module).forward
+        fn = inspect.unwrap(type(module).forward)  # a decorated forward: the model's own line
         return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]} ({type(module).__name__}.forward)"
     except (TypeError, OSError):
         return type(module).__name__
@@ -248,6 +248,9 @@ def _whole(values, ref, seq):
     """Shards -> one tensor shaped like ``ref``, or None when the shapes do not say how."""
     if seq is not None:
         dim, inner, length = seq
+        held = sum(v.shape[dim] for v in values) // inner
+        if held < length:
+            raise ShardsShort(dim, held, length)
         try:
             whole = _along(values, dim, inner, length)
             return whole if whole.shape == ref.shape else None
@@ -263,7 +266,17 @@ def _whole(values, ref, seq):
         return None
     dim = dims.pop()
     whole = torch.cat(values, dim=dim)
-    return whole.narrow(dim, 0, ref.shape[dim]) if whole.shape[dim] >= ref.shape[dim] else None
+    if whole.shape[dim] < ref.shape[dim]:
+        raise ShardsShort(dim, whole.shape[dim], ref.shape[dim])
+    return whole.narrow(dim, 0, ref.shape[dim])
+
+
+class ShardsShort(Exception):
+    """The ranks' shards along ``dim`` hold fewer positions than the reference: they do not add up."""
+
+    def __init__(self, dim, held, needed):
+        super().__init__(f"the shards do not add up: the ranks hold {held} of the reference's {needed} "
+                         f"along dim {dim}")
 
 
 def _check(name, values, ref, seq, tol, grads):
@@ -275,7 +288,10 @@ def _check(name, values, ref, seq, tol, grads):
         if not grads or each.passed:
             return each  # replicated: every rank holds the whole value
         return check_tensor(name, sum(v.double() for v in values), ref, tol)  # summed over ranks
-    whole = _whole(values, ref, seq)
+    try:
+        whole = _whole(values, ref, seq)
+    except ShardsShort as short:
+        return TensorCheck(name, abs_err=math.inf, rel_err=math.inf, passed=False, problem=str(short))
     return None if whole is None else check_tensor(name, whole, ref, tol)
 
 

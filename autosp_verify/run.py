@@ -65,7 +65,7 @@ def simulate(sim, spec, base, batch, timeout, later=()) -> list:
         return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, later, folder), timeout)
 
 
-def _diagnose(spec, sim, base, batch, tol, timeout):
+def _diagnose(spec, sim, base, batch, tol, timeout, failing=()):
     """Run a failing case again, recording every intermediate value (divergence.py), and find
     the first one that differs. Never raises: a diagnosis that cannot run says why."""
     from autosp_verify.divergence import locate
@@ -82,8 +82,15 @@ def _diagnose(spec, sim, base, batch, tol, timeout):
                      "can offer with_backend (see the impl protocol) to be recorded op by op")
         return {"message": text}, []
     if first is None:
-        first = {"message": "every recorded intermediate value and gradient matches; the difference is "
-                            "in what the impl does after the model (loss, outputs) or outside what was recorded"}
+        grads = [n for n in failing if n.startswith("grad ")]
+        if grads and len(grads) == len(failing):
+            first = {"message": f"every recorded value and activation gradient matches; only parameter gradients "
+                                f"differ ({', '.join(grads[:3])}{', ...' if len(grads) > 3 else ''}): how the impl "
+                                "reduces or scales parameter gradients over the ranks (a missing, extra or doubled "
+                                "all-reduce), not the forward"}
+        else:
+            first = {"message": "every recorded intermediate value and gradient matches; the difference is in what "
+                                "the impl does after the model (loss, outputs) or outside what was recorded"}
     return first, trace
 
 
@@ -202,7 +209,8 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
             result.failures += [f"step {number} (other inputs, the same prepared step): {f}"
                                 for f in step_cmp.failures()]
     if not cmp.passed and diagnose:
-        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout)
+        failing = [c.name for c in cmp.checks if not c.passed]
+        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout, failing)
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
                       for c in cmp.checks]
     return result

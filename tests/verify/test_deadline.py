@@ -18,15 +18,15 @@ def test_a_hanging_reference_times_out_and_names_the_line():
 
 
 def test_a_hanging_warm_up_times_out():
-    result = verify_file(TINY, impl=f"{HERE}/exiting_code.py:spinning_warm_up", world_size=2, seq_len=8, timeout=3)
+    result = verify_file(TINY, impl=f"{HERE}/verdict_impls.py:spinning_warm_up", world_size=2, seq_len=8, timeout=3)
     assert result.status == "error" and "in the impl's warm-up" in result.error, (result.status, result.error)
-    assert "exiting_code.py" in result.error, result.error
+    assert "verdict_impls.py" in result.error, result.error
 
 
 def test_ranks_that_time_out_say_where_they_are():
-    result = verify_file(TINY, impl=f"{HERE}/exiting_code.py:sleeps", world_size=2, seq_len=8, timeout=3)
+    result = verify_file(TINY, impl=f"{HERE}/verdict_impls.py:sleeps", world_size=2, seq_len=8, timeout=3)
     assert result.status == "error", (result.status, result.error)
-    assert "rank 0 at" in result.error and "exiting_code.py" in result.error and "in step" in result.error, \
+    assert "rank 0 at" in result.error and "verdict_impls.py" in result.error and "in step" in result.error, \
         result.error
 
 

@@ -41,6 +41,35 @@ def test_module_level_first_divergence_names_the_module(impl, phase, name, where
     assert result.divergence_trace and result.divergence_trace[0]["rel_err"] == 0.0
 
 
+def test_shards_that_do_not_add_up_are_named_where_they_start():
+    """S=13 over 2 ranks, the last position dropped: the first module's output already holds 12 of
+    13 positions (not skipped as impossible to put together, which left the loss to be named)."""
+    result = verify_file(TINY, impl=ulysses("truncated_tail"), world_size=2, seq_len=13)
+    assert result.status == "fail"
+    first = result.first_divergence
+    assert "do not add up" in first["message"] and "12 of the reference's 13" in first["message"], first
+    assert first["name"] != "(step loss)", first
+
+
+def test_a_bug_only_in_a_parameter_gradient_is_named_as_such():
+    result = verify_file(TINY, impl=f"{HERE}/verdict_impls.py:doubled_head_grad", world_size=2, seq_len=16)
+    assert result.status == "fail"
+    message = result.first_divergence["message"]
+    assert "only parameter gradients differ (grad head.weight)" in message, message
+
+
+def test_a_decorated_forward_is_located_at_the_model_line():
+    """A forward under a decorator from another file (torch's) is located at the model's line."""
+    from autosp_verify.divergence import _module_source
+
+    class Decorated(torch.nn.Module):
+        @torch.no_grad()
+        def forward(self, x):
+            return x
+
+    assert "test_divergence.py" in _module_source(Decorated()), _module_source(Decorated())
+
+
 @pytest.mark.multiproc
 def test_first_divergence_on_gloo_processes():
     """The ranks' recordings travel back through torch.load(weights_only=True) as plain data."""

@@ -29,7 +29,7 @@ def test_a_model_file_calling_sys_exit_at_import_is_named(tmp_path):
 
 
 def test_a_rank_ending_the_process_is_no_verdict_and_fails():
-    result = _run(LLAMA, "--impl", f"{HERE}/exiting_code.py:exits_on_rank1")
+    result = _run(LLAMA, "--impl", f"{HERE}/verdict_impls.py:exits_on_rank1")
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     assert "ended without a verdict (exit status 0)" in result.stderr
     control = _run(LLAMA, "--impl", "autosp-eager")
@@ -64,7 +64,7 @@ def _alive(pid):
 @pytest.mark.multiproc
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_ends_every_rank_and_removes_the_temp_folder():
-    proc = subprocess.Popen([COMMAND, LLAMA, "--simulator", "gloo", "--impl", f"{HERE}/exiting_code.py:sleeps"],
+    proc = subprocess.Popen([COMMAND, LLAMA, "--simulator", "gloo", "--impl", f"{HERE}/verdict_impls.py:sleeps"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_descendants(proc.pid)) < 3:  # the child and its 2 ranks
@@ -101,7 +101,7 @@ def test_an_impl_patching_torch_at_import_cannot_pass():
 def test_a_row_without_sequence_parallelism_is_marked(capsys):
     """Every rank running the whole sequence is exact (PASS) but is not SP: the row and the
     summary say so, from the saved activations every case measures; autosp-eager is not marked."""
-    assert main([os.path.join(HERE, "tiny_model.py"), "--impl", f"{HERE}/exiting_code.py:whole_sequence_everywhere",
+    assert main([os.path.join(HERE, "tiny_model.py"), "--impl", f"{HERE}/verdict_impls.py:whole_sequence_everywhere",
                  "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "PASS (NO SP: a rank saves 1.00x one device)" in out and "1 without sequence parallelism" in out, out

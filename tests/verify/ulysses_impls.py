@@ -66,7 +66,7 @@ def _ulysses_core(q, k, v, group, gather_back=True, gather_dim=1, differentiable
 
 
 def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True, gather_dim=1,
-                 differentiable=True, local_positions=False):
+                 differentiable=True, local_positions=False, truncate=False):
     def impl(model, group):
         for m in model.modules():
             if hasattr(m, "core"):  # tiny_model.Attention, whichever module object defined it
@@ -75,7 +75,7 @@ def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True,
         def step(input_ids, labels, position_ids=None, **_):
             p, rank = group.size(), dist.get_rank(group)  # read at run time, never baked in
             b, s = input_ids.shape
-            if s % p:
+            if s % p and not truncate:  # truncate: the bug of dropping the last S mod P positions
                 raise SeqNotDivisible(f"sequence length {s} is not divisible by {p} ranks")
             shard = slice(rank * (s // p), (rank + 1) * (s // p))
             if position_ids is None:
@@ -108,3 +108,4 @@ shard_then_shift = make_ulysses(shift_before_shard=False)  # (3) labels sharded 
 wrong_gather_dim = make_ulysses(gather_dim=3)  # (4) heads gathered back along the head size
 local_positions = make_ulysses(local_positions=True)  # (5) positions from the local length
 no_grad_all_to_all = make_ulysses(differentiable=False)  # (6) a non-differentiable all-to-all
+truncated_tail = make_ulysses(truncate=True)  # (7) S mod P positions dropped: the shards do not add up

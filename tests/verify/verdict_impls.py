@@ -1,4 +1,5 @@
-"""Impls that end or stall the process, for test_supervise.py."""
+"""Impls for the verdict tests: ones that end or stall the process, run no sequence parallelism, or
+break only a parameter gradient."""
 import os
 import time
 
@@ -48,4 +49,13 @@ def whole_sequence_everywhere(model, group):
         chunk = -(-logits.shape[1] // dist.get_world_size(group))
         mine = logits[:, dist.get_rank(group) * chunk:(dist.get_rank(group) + 1) * chunk]
         return {"loss": count_once(out["loss"], group), "logits": count_once(mine, group)}
+    return step
+
+
+def doubled_head_grad(model, group):
+    """The ulysses impl, plus a parameter hook doubling one weight's gradient (a bug only in a
+    parameter gradient: nothing the module hooks record differs)."""
+    from tests.verify.ulysses_impls import ulysses
+    step = ulysses(model, group)
+    model.head.weight.register_hook(lambda grad: grad * 2)
     return step
