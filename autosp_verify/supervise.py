@@ -16,6 +16,7 @@ verifier as a child process in a session of its own:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -76,6 +77,20 @@ def _how_it_ended(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+def _record_incomplete(argv: list, why: str) -> None:
+    """``--json PATH`` given: the report says the run is incomplete (a CI artifact must not be
+    missing, or left from an earlier run)."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--json" and i + 1 < len(argv) else arg[7:] if arg.startswith("--json=") else None
+        if path:
+            try:
+                with open(path, "w") as f:
+                    json.dump({"verdict": "error", "incomplete": True, "error": why, "cases": []}, f)
+                    f.write("\n")
+            except OSError:
+                pass
+
+
 def supervise(argv: list) -> int:
     folder = tempfile.mkdtemp(prefix="autosp-verify-run-")
     verdict = os.path.join(folder, "verdict")
@@ -105,9 +120,10 @@ def supervise(argv: list) -> int:
         print(f"autosp-verify: stopped by {name}; every rank and temp file removed", file=sys.stderr)
         return 128 + stopped[0]
     if code is None:
-        print(f"autosp-verify: the run ended without a verdict ({_how_it_ended(returncode)}): something in the "
-              "model file or the impl ended the process (SystemExit, os._exit, a signal). No result: failing.",
-              file=sys.stderr)
+        why = (f"the run ended without a verdict ({_how_it_ended(returncode)}): something in the model file or "
+               "the impl ended the process (SystemExit, os._exit, a signal)")
+        print(f"autosp-verify: {why}. No result: failing.", file=sys.stderr)
+        _record_incomplete(argv, why)
         return EXIT_NO_VERDICT
     return code
 

@@ -1,6 +1,7 @@
 """The verifier says yes only when it should: the command's exit status comes only from a
 written verdict (autosp_verify/supervise.py; the real console script, as a CI job runs it), the
 reference cannot be patched by the impl, and an exact run without sequence parallelism is marked."""
+import json
 import os
 import shutil
 import signal
@@ -28,10 +29,13 @@ def test_a_model_file_calling_sys_exit_at_import_is_named(tmp_path):
     assert main([str(path)]) == 2  # in process: the loader names it (usage error)
 
 
-def test_a_rank_ending_the_process_is_no_verdict_and_fails():
-    result = _run(LLAMA, "--impl", f"{HERE}/verdict_impls.py:exits_on_rank1")
+def test_a_rank_ending_the_process_is_no_verdict_and_fails(tmp_path):
+    report = tmp_path / "report.json"
+    result = _run(LLAMA, "--impl", f"{HERE}/verdict_impls.py:exits_on_rank1", "--json", str(report))
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     assert "ended without a verdict (exit status 0)" in result.stderr
+    recorded = json.loads(report.read_text())
+    assert recorded["verdict"] == "error" and recorded["incomplete"], recorded
     control = _run(LLAMA, "--impl", "autosp-eager")
     assert control.returncode == 0 and "verdict: pass" in control.stdout, (control.stdout, control.stderr)
 
