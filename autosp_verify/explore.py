@@ -134,15 +134,7 @@ def _positive(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def explore(model, impl, n_examples: int, *, world_sizes=DEFAULT_WORLD_SIZES, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-            min_seq_len: int = 1, max_batch: int = DEFAULT_MAX_BATCH, dtypes=("float64",),
-            simulator: str = "threaded", seed: int = 0, timeout: float = 120.0, rtol: float | None = None,
-            atol: float | None = None, progress=None, diagnose_minimal: bool = True) -> ExploreResult:
-    """Search up to ``n_examples`` cases for one that fails; shrink it. ``model``: a model file path
-    (as it should appear in the reproduce command); ``progress(result)``: called after each new case;
-    ``diagnose_minimal``: run the minimal failing case once more with what the search leaves out
-    (first divergence, collective accounting). Raises ModelFileError / ImplUnavailable / ValueError
-    for unusable input, before any case runs."""
+def _check_bounds(n_examples, world_sizes, min_seq_len, max_seq_len, max_batch, dtypes) -> None:
     _positive("the number of examples", n_examples)
     for name, value in (("max_seq_len", max_seq_len), ("min_seq_len", min_seq_len), ("max_batch", max_batch),
                         *(("world size", p) for p in world_sizes)):
@@ -154,24 +146,19 @@ def explore(model, impl, n_examples: int, *, world_sizes=DEFAULT_WORLD_SIZES, ma
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    resolve_impl(impl)  # unusable impl or model file: a usage error now, not a "failure" to shrink
-    model_functions(model)
-    extra = []
-    if timeout != 120.0:
-        extra += ["--timeout", repr(timeout)]
-    extra += [arg for flag, v in (("--rtol", rtol), ("--atol", atol)) if v is not None for arg in (flag, repr(v))]
-    result = ExploreResult(model=model, impl=impl_label(impl), simulator=simulator, seed=seed,
-                           world_sizes=tuple(sorted(set(world_sizes))),
-                           seq_lens=(min_seq_len, max_seq_len), max_batch=max_batch,
-                           dtypes=tuple(dict.fromkeys(dtypes)), extra_args=tuple(extra))
-    cache, aborted = {}, []
+
+
+def _case_runner(model, impl, seed, simulator, timeout, rtol, atol, result, progress):
+    """``run((P, S, B, dtype))``: the case's CaseResult (None when the model cannot run that size
+    on one device), each case run once however often the search draws it."""
+    cache = {}
 
     def run(key):
         if key not in cache:
             p, s, b, dtype = key
-            spec = CaseSpec(model, impl, p, s, b, dtype, seed)
             try:
-                cache[key] = run_case(spec, None, simulator, timeout, rtol, atol, **_SEARCH_ONLY)
+                cache[key] = run_case(CaseSpec(model, impl, p, s, b, dtype, seed), None, simulator, timeout, rtol,
+                                      atol, **_SEARCH_ONLY)
                 result.statuses[key] = cache[key].status
                 if cache[key].status in FAILING and result.first_failure is None:
                     result.first_failure = key
@@ -182,6 +169,28 @@ def explore(model, impl, n_examples: int, *, world_sizes=DEFAULT_WORLD_SIZES, ma
             if progress is not None:
                 progress(result)
         return cache[key]
+    return run
+
+
+def explore(model, impl, n_examples: int, *, world_sizes=DEFAULT_WORLD_SIZES, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+            min_seq_len: int = 1, max_batch: int = DEFAULT_MAX_BATCH, dtypes=("float64",),
+            simulator: str = "threaded", seed: int = 0, timeout: float = 120.0, rtol: float | None = None,
+            atol: float | None = None, progress=None, diagnose_minimal: bool = True) -> ExploreResult:
+    """Search up to ``n_examples`` cases for one that fails; shrink it. ``model``: a model file path
+    (as it should appear in the reproduce command); ``progress(result)``: called after each new case;
+    ``diagnose_minimal``: run the minimal failing case once more with what the search leaves out
+    (first divergence, collective accounting). Raises ModelFileError / ImplUnavailable / ValueError
+    for unusable input, before any case runs."""
+    _check_bounds(n_examples, world_sizes, min_seq_len, max_seq_len, max_batch, dtypes)
+    resolve_impl(impl)  # unusable impl or model file: a usage error now, not a "failure" to shrink
+    model_functions(model)
+    extra = ["--timeout", repr(timeout)] if timeout != 120.0 else []
+    extra += [arg for flag, v in (("--rtol", rtol), ("--atol", atol)) if v is not None for arg in (flag, repr(v))]
+    result = ExploreResult(model=model, impl=impl_label(impl), simulator=simulator, seed=seed,
+                           world_sizes=tuple(sorted(set(world_sizes))),
+                           seq_lens=(min_seq_len, max_seq_len), max_batch=max_batch,
+                           dtypes=tuple(dict.fromkeys(dtypes)), extra_args=tuple(extra))
+    run, aborted = _case_runner(model, impl, seed, simulator, timeout, rtol, atol, result, progress), []
 
     # Draw order is shrink priority: P, then S, then B, then dtype; each shrinks toward its first value.
     @settings(max_examples=n_examples, database=None, deadline=None, derandomize=False, print_blob=False,

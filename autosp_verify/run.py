@@ -194,6 +194,16 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         result.structural_collectives = structural_collectives(ranks)
         result.status = "fail" if result.failures else "structural"
         return result
+    cmp = _record_comparison(result, ref, later_refs, ranks, tol)
+    if not cmp.passed and diagnose:
+        failing = [c.name for c in cmp.checks if not c.passed]
+        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout, failing)
+    return result
+
+
+def _record_comparison(result, ref, later_refs, ranks, tol):
+    """Step 1 against its reference (the numbers the table shows), then every later step (its
+    failures, prefixed with the step); returns step 1's comparison."""
     cmp = compare(ref, ranks, tol)
     worst, grad = cmp.worst, cmp.worst_grad
     result.status = "pass" if cmp.passed else "fail"
@@ -202,18 +212,15 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     result.worst_tensor = {"name": worst.name, "abs_err": worst.abs_err, "rel_err": worst.rel_err}
     result.worst_grad = None if grad is None else {"name": grad.name.removeprefix("grad "), "rel_err": grad.rel_err}
     result.failures = cmp.failures()
+    result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
+                      for c in cmp.checks]
     for number, later_ref in enumerate(later_refs, 2):
         step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol)
         if not step_cmp.passed:
             result.status = "fail"
             result.failures += [f"step {number} (other inputs, the same prepared step): {f}"
                                 for f in step_cmp.failures()]
-    if not cmp.passed and diagnose:
-        failing = [c.name for c in cmp.checks if not c.passed]
-        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout, failing)
-    result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
-                      for c in cmp.checks]
-    return result
+    return cmp
 
 
 def verify(model_fn, inputs_fn, *, impl="autosp", world_size=2, seq_len=16, batch=2, dtype=torch.float64,
