@@ -119,7 +119,8 @@ def _rank_body(rank, world_size, store, rank_fn, payload, events, world, timeout
 
 def _timeout_failure(timeout, pending, log, threads):
     message, rank = stall_message(log.ranks, pending, len(log.ranks))
-    message += "".join(f"; rank {r} {doing(threads[r].ident)}" for r in sorted(pending))
+    outside = [r for r in sorted(pending) if log.ranks.get(r) is None or not log.ranks[r].current]
+    message += "".join(f"; rank {r} {doing(threads[r].ident)}" for r in outside)  # not in a collective
     return RankFailure(rank, "timeout", f"timed out after {timeout:g} s: {message}", snapshot(log.ranks))
 
 

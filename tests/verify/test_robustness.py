@@ -62,8 +62,9 @@ def test_threaded_uneven_all_to_all_is_not_a_mismatch():
 def test_threaded_rank_that_never_joins_is_named_with_the_collective():
     r = verify_file(TINY, impl=broken("never_joins"), world_size=4, timeout=1.5)
     assert r.status == "error"
-    assert r.error == ("timed out after 1.5 s: rank 1 never joined all_reduce; ranks 0, 2, 3 are waiting in "
-                       "all_reduce [1] float32 (rank 1 has run no collective)")
+    assert r.error.startswith("timed out after 1.5 s: rank 1 never joined all_reduce; ranks 0, 2, 3 are waiting in "
+                              "all_reduce [1] float32 (rank 1 has run no collective); rank 1 at "), r.error
+    assert r.error.endswith("broken_impls.py:33 in step"), r.error  # where the missing rank is
 
 
 def _state(rank, current=None, last=None):
