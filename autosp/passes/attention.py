@@ -3,7 +3,9 @@
 q, k, v arrive sharded along the sequence ([..., H, S/P, D]); ``seq_to_head`` makes them
 head-sharded over the whole (padded) sequence, attention runs on this rank's heads, and
 ``head_to_seq`` brings the result back. Key/value heads are repeated only as far as needed for
-every rank to hold the kv heads of its query heads (GQA/MQA with fewer kv heads than ranks).
+every rank to hold the kv heads of its query heads (GQA/MQA with fewer kv heads than ranks); kv
+heads the model repeated itself before attention (HF's ``repeat_kv``) are moved before the repeat,
+and attention groups the query heads instead (``enable_gqa``): the Ulysses minimum in bytes.
 Query heads that P does not divide are padded with zero heads inside the all-to-all.
 
 The attention itself:
@@ -46,7 +48,13 @@ def attention(ctx) -> None:
         if q_heads < P:
             raise AutoSPError(f"attention {node.name} has {q_heads} query heads, fewer than the "
                               f"{P} ranks of the sequence-parallel group\n  at {source_line(node)}")
-        repeats, gqa = kv_repeats(q_heads, kv_heads, P, bool(call_arg(node, 7, "enable_gqa", False)))
+        gqa = bool(call_arg(node, 7, "enable_gqa", False))
+        peeled = [_unrepeated(t, head_dim) for t in (k, v)]
+        if not gqa and peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]:
+            (k, rep), (v, _) = peeled  # move the distinct kv heads; attention groups the query heads
+            kv_heads, gqa = kv_heads // rep, True
+            ctx.counters["kv_repeat_moved_after"] += 1
+        repeats, gqa = kv_repeats(q_heads, kv_heads, P, gqa)
         mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))
         mask_value = example_value(mask) if mask is not None else None
         if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
@@ -85,10 +93,55 @@ def attention(ctx) -> None:
         g.erase_node(node)
         ctx.counters["all_to_all"] += 4
         ctx.counters["attention"] += 1
-    for node in reversed(list(g.nodes)):  # the [S, S] mask values no attention reads any more
-        if node in ctx.mask_region and not node.users:
+    for node in reversed(list(g.nodes)):  # [S, S] mask values and kv repeats no attention reads any more
+        if node.meta.get(_REPEAT) and not node.users:
+            g.erase_node(node)
+        elif node in ctx.mask_region and not node.users:
             g.erase_node(node)
             ctx.counters["mask_nodes_removed"] += 1
+
+
+_REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
+_VIEWS = ("reshape", "view", "flatten")
+
+
+def _unrepeated(node, head_dim: int):
+    """``(source, n)`` when ``node`` is ``source`` with each head repeated ``n`` times in a row
+    (HF's ``repeat_kv``: ``x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)``, or
+    ``repeat_interleave(x, n, dim=1)``), else None. Moving ``source`` and letting attention
+    group the query heads (``enable_gqa``) sends 1/n of the bytes, with the same values."""
+    if not isinstance(node, fx.Node):
+        return None
+    out = example_value(node)
+    if node.target == "repeat_interleave" or node.target is torch.repeat_interleave:
+        src, n = node.args[0], call_arg(node, 1, "repeats")
+        dim = call_arg(node, 2, "dim")
+        if isinstance(src, fx.Node) and isinstance(n, int) and dim is not None and dim % out.dim() == head_dim:
+            node.meta[_REPEAT] = True
+            return src, n
+        return None
+    if node.target not in _VIEWS or not isinstance(node.args[0], fx.Node):
+        return None
+    expand = node.args[0]
+    if expand.target != "expand" or not isinstance(expand.args[0], fx.Node):
+        return None
+    inserted = expand.args[0]
+    big, small = example_value(expand), example_value(inserted)
+    if not (isinstance(big, torch.Tensor) and isinstance(small, torch.Tensor) and big.dim() == out.dim() + 1
+            and small.dim() == big.dim() and small.shape[head_dim + 1] == 1):
+        return None
+    src = inserted.args[0] if inserted.target in (operator.getitem, "unsqueeze", torch.unsqueeze) else None
+    if not isinstance(src, fx.Node) or example_value(src).dim() != out.dim():
+        return None
+    n = big.shape[head_dim + 1]
+    same = [big.shape[i] == small.shape[i] for i in range(big.dim()) if i != head_dim + 1]
+    if not (isinstance(n, int) and all(same) and tuple(src_shape := example_value(src).shape) ==
+            tuple(small.shape[:head_dim + 1]) + tuple(small.shape[head_dim + 2:])
+            and out.shape[head_dim] == src_shape[head_dim] * n):
+        return None
+    for part in (node, expand, inserted):
+        part.meta[_REPEAT] = True
+    return src, n
 
 
 def _factor(ctx, node, mask, dropout):

@@ -70,3 +70,33 @@ def test_a_rewrite_without_the_loss_pass_is_seen_in_the_count():
     model, batch = fixture.model_fn(), fixture.inputs_fn(2, 8, torch.Generator().manual_seed(0))
     counts = get_simulator("threaded").run(2, _count_without_loss_pass, {"model": model, "batch": batch}, 120)
     assert all(c.get("all_reduce", 0) == 0 and c["all_to_all"] == 8 for c in counts)
+
+
+def _bytes(result):
+    c = result.accounting["collectives"]
+    return c["measured"]["bytes_handed"], c["minimum"]["bytes_handed"]
+
+
+@pytest.mark.parametrize("name", ["hf_qwen2", "hf_olmo2_padded", "hf_qwen3_packed"])
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_repeated_kv_heads_move_before_they_are_repeated(name, world_size):
+    """HF repeats kv heads (repeat_kv) before SDPA whenever a mask is passed (always under
+    torch.compile); the pass moves the distinct heads and lets attention group the query heads:
+    the Ulysses minimum in bytes, exact."""
+    from autosp_verify import verify_file
+    result = verify_file(os.path.join(FIXTURES, f"{name}.py"), impl="autosp", world_size=world_size, seq_len=13,
+                         steps=1)
+    assert result.passed, (result.status, result.error, result.failures[:3])
+    measured, minimum = _bytes(result)
+    assert measured == minimum, (measured, minimum)
+
+
+def test_a_tiled_kv_repeat_is_not_taken_for_grouped_heads():
+    """Negative control: heads tiled (h0 h1 h0 h1) are not grouped query heads (h0 h0 h1 h1):
+    moved as they are (4 heads), and exact; the grouped form of the same model moves 2."""
+    from autosp_verify import verify
+    from . import kv_repeat_models as m
+    tiled = verify(m.tiled, m.inputs_fn, impl="autosp", world_size=2, seq_len=13, steps=1)
+    grouped = verify(m.grouped, m.inputs_fn, impl="autosp", world_size=2, seq_len=13, steps=1)
+    assert tiled.passed and grouped.passed, (tiled.error, tiled.failures[:3], grouped.error, grouped.failures[:3])
+    assert _bytes(tiled)[0] > _bytes(grouped)[0] == _bytes(grouped)[1]
