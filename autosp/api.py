@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.exc import BackendCompilerFailed, Unsupported
 from torch.fx.experimental import _config as fx_config
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from autosp import collectives
 from autosp.backend import backend_for
@@ -153,6 +154,12 @@ class CompiledSP:
             raise
         except Unsupported as e:
             raise AutoSPError(f"the model does not compile to one graph (graph break): {e}") from None
+        except GuardOnDataDependentSymNode as e:
+            caused = next((line.strip() for line in str(e).splitlines() if line.startswith("Caused by:")), "")
+            raise AutoSPError(f"the model does not compile to one graph: a shape depends on tensor data "
+                              f"({str(e).splitlines()[0]}) {caused}. Vision-language models that split or "
+                              "splice by image sizes: wrap them with autosp.multimodal.auto_wrap_model_for_sp "
+                              "(module-level, eager) instead") from None
 
 
 def compile(model, *, group=None, backend="inductor", config: SPConfig | None = None, **torch_compile_kwargs):

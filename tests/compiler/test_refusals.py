@@ -87,3 +87,14 @@ def test_attention_implementation_other_than_sdpa_is_refused_by_name(impl):
         autosp.compile(model, backend="eager")
     model.set_attn_implementation("sdpa")
     autosp.compile(model, backend="eager")  # control: the same model with SDPA is taken
+
+
+def test_a_vlm_with_data_dependent_splits_is_refused_with_the_way_out():
+    """Qwen2-VL's vision tower splits attention by image sizes read from a tensor: Dynamo cannot
+    guard on them. A refusal naming the line and autosp.multimodal, not Dynamo's raw error."""
+    import os
+    from autosp_verify import verify_file
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "hf_qwen2_vl.py")
+    result = verify_file(path, impl="autosp", world_size=2, seq_len=16, steps=1)
+    assert result.status == "unsupported", (result.status, result.error)
+    assert "modeling_qwen2_vl.py" in result.error and "auto_wrap_model_for_sp" in result.error, result.error
