@@ -111,7 +111,8 @@ def _dtype_list(text: str) -> tuple:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autosp-verify", description="Prove or disprove that a sequence-parallel "
                                 "implementation of a model is exact against the model on one device.")
-    p.add_argument("model", help="model file: a .py defining model_fn() and inputs_fn(batch, seq_len, generator)")
+    p.add_argument("model", nargs="+", help="model file(s): a .py defining model_fn() and inputs_fn(batch, seq_len, "
+                   "generator); several are verified one after the other (as a pre-commit hook passes them)")
     p.add_argument("--impl", default="autosp", help="autosp (default), autosp-wrap, deepspeed, deepspeed-eager, MODULE:CALLABLE "
                    "or path/to/file.py:CALLABLE")
     p.add_argument("--world-size", type=_int_list, default=(2,), help="SP degrees, comma-separated (default 2)")
@@ -151,8 +152,19 @@ def _given_options(argv) -> frozenset:
 
 
 def parse_args(argv=None) -> Config:
+    """The Config of the first model file (see ``parse_all``)."""
+    return parse_all(argv)[0]
+
+
+def parse_all(argv=None) -> list:
+    """One Config per model file given, the flags checked before any work."""
     parser = get_parser()
     a = parser.parse_args(argv)
+    if len(a.model) > 1:
+        alone = [flag for flag, given in (("--json", a.json), ("--junit-xml", a.junit_xml), ("--report", a.report),
+                                          ("--explore", a.explore)) if given]
+        if alone:
+            parser.error(f"{', '.join(alone)}: one model file at a time ({len(a.model)} given)")
     if a.explore:
         alone = [flag for flag, given in (("--junit-xml", a.junit_xml), ("--report", a.report),
                                           ("--memory", a.memory), ("--compile-time", a.compile_time)) if given]
@@ -163,11 +175,15 @@ def parse_args(argv=None) -> Config:
         problem = path and _output_problem(path, directory)
         if problem:
             parser.error(f"{flag} {path}: {problem}")
-    return Config(a.model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
-                  a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
-                  report=a.report, junit_xml=a.junit_xml, steps=a.steps,
-                  explore=a.explore, explore_dtypes=a.explore_dtypes,
-                  explicit=_given_options(argv) if a.explore else frozenset())
+    return [Config(model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
+                   a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
+                   report=a.report, junit_xml=a.junit_xml, steps=a.steps,
+                   explore=a.explore, explore_dtypes=a.explore_dtypes,
+                   explicit=_given_options(argv) if a.explore else frozenset())
+            for model in a.model]
+
+
+WORST_FIRST = (EXIT_USAGE, 1, 3, 4, 0)  # several model files: the run's status is the worst of theirs
 
 
 def run(config: Config, out=None) -> int:
@@ -205,10 +221,15 @@ def run(config: Config, out=None) -> int:
 
 def main(argv=None) -> int:
     try:
-        config = parse_args(argv)
+        configs = parse_all(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
-    return run(config)
+    codes = set()
+    for config in configs:
+        if len(configs) > 1:
+            print(f"== {config.model}", flush=True)
+        codes.add(run(config))
+    return next(code for code in WORST_FIRST if code in codes)
 
 
 if __name__ == "__main__":  # as the command: supervised (supervise.py)
