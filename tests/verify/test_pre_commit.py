@@ -21,7 +21,7 @@ def _git(cwd, *args):
 @pytest.mark.multiproc
 @pytest.mark.skipif(shutil.which("pre-commit", path=BIN) is None, reason="pre-commit is not installed")
 @pytest.mark.parametrize("impl, passes", [("broken_impls.py:nan_loss_on_rank1", False), ("autosp-eager", True)])
-def test_pre_commit_try_repo_runs_the_hook(tmp_path, impl, passes):
+def test_the_pre_commit_hook_fails_a_broken_impl_and_passes_an_exact_one(tmp_path, impl, passes):
     sample = tmp_path / "sample"
     sample.mkdir()
     shutil.copy(os.path.join(HERE, "tiny_model.py"), sample / "tiny_sp_model.py")
@@ -33,7 +33,7 @@ def test_pre_commit_try_repo_runs_the_hook(tmp_path, impl, passes):
     config.write_text(f"repos:\n- repo: {ROOT}\n  rev: {_head()}\n  hooks:\n  - id: autosp-verify\n"
                       f"    args: [--impl, {impl}, --steps, '1']\n")
     _git(sample, "add", ".")
-    result = subprocess.run([os.path.join(BIN, "pre-commit"), "run", "--all-files"], cwd=sample, env=env,
+    result = subprocess.run([os.path.join(BIN, "pre-commit"), "run", "--all-files", "--verbose"], cwd=sample, env=env,
                             capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert "verdict: " + ("pass" if passes else "fail") in out, out  # the hook ran the verifier on the file
