@@ -13,11 +13,13 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from autosp_verify.core import DTYPES, CaseSpec
 from autosp_verify.impls import ImplUnavailable
 from autosp_verify.model_file import ModelFileError
+from autosp_verify.progress import Progress
 from autosp_verify.report import EXIT_USAGE, exit_status, format_table, summary, to_json
 from autosp_verify.run import run_case
 from autosp_verify.simulators import NAMES
@@ -45,6 +47,7 @@ class Config:
     compile_time: bool = False
     report: str | None = None
     steps: int = 2
+    quiet: bool = False
 
 
 def _int_list(text: str) -> tuple:
@@ -139,6 +142,7 @@ def get_parser() -> argparse.ArgumentParser:
                    "device (runs every case once more, P positions longer)")
     p.add_argument("--compile-time", action="store_true", help="also time compiling with and without the passes "
                    "(autosp impls; one more compile of each per case)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (the table and verdict only)")
     p.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/accounting.png (implies --memory)")
     return p
 
@@ -177,7 +181,7 @@ def parse_all(argv=None) -> list:
             parser.error(f"{flag} {path}: {problem}")
     return [Config(model, a.impl, a.world_size, a.seq_len, a.batch, a.dtype, a.simulator, a.seed, a.timeout,
                    a.json, a.rtol, a.atol, memory=a.memory or bool(a.report), compile_time=a.compile_time,
-                   report=a.report, junit_xml=a.junit_xml, steps=a.steps,
+                   report=a.report, junit_xml=a.junit_xml, steps=a.steps, quiet=a.quiet,
                    explore=a.explore, explore_dtypes=a.explore_dtypes,
                    explicit=_given_options(argv) if a.explore else frozenset())
             for model in a.model]
@@ -192,13 +196,17 @@ def run(config: Config, out=None) -> int:
         from autosp_verify.explore import run_explore
         return run_explore(config, out)
     cases = []
+    progress = Progress(len(config.world_sizes) * len(config.seq_lens), quiet=config.quiet)
     try:
         for world_size in config.world_sizes:
             for seq_len in config.seq_lens:
                 spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed,
                                 steps=config.steps)
-                cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol,
-                                      memory=config.memory, compile_time=config.compile_time))
+                label, start = f"P={world_size} S={seq_len}", time.monotonic()
+                with progress.case(label):
+                    cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol,
+                                          memory=config.memory, compile_time=config.compile_time))
+                progress.finished(label, cases[-1].status, time.monotonic() - start)
     except (ModelFileError, ImplUnavailable, ValueError) as exc:
         print(f"autosp-verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
