@@ -230,10 +230,27 @@ def explore(model, impl, n_examples: int, *, world_sizes=DEFAULT_WORLD_SIZES, ma
     return result
 
 
-def _progress_line(result: ExploreResult, stream):
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
-    stream.write(f"\rexplore: {len(result.statuses)} cases ({counts})\033[K")
-    stream.flush()
+def _reporter(stream, quiet: bool):
+    """``progress(result)`` for the CLI: a line per case tried, as it is tried (rich on a terminal,
+    plain lines in a log), saying whether the search is still looking or shrinking a failure."""
+    if quiet:
+        return None
+    console = None
+    if stream.isatty():
+        from rich.console import Console
+        console = Console(file=stream, highlight=False)
+
+    def report(result: ExploreResult):
+        (p, s, b, dtype), status = list(result.statuses.items())[-1]
+        phase = "searching" if result.first_failure in (None, (p, s, b, dtype)) else "shrinking"
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items()))
+        line = (f"explore case {len(result.statuses)}: P={p} S={s} B={b} {dtype}: {status.upper()} "
+                f"({phase}; so far {counts})")
+        if console is not None:
+            console.print(line)
+        else:
+            print(line, file=stream, flush=True)
+    return report
 
 
 def format_result(result: ExploreResult) -> str:
@@ -271,7 +288,6 @@ def run_explore(config, out=None) -> int:
     out = out or sys.stdout
     given_opts = getattr(config, "explicit", frozenset())
     seq_lens = config.seq_lens if "seq_len" in given_opts else (DEFAULT_MAX_SEQ_LEN,)
-    live = sys.stderr if sys.stderr.isatty() else None
     try:
         result = explore(
             config.model, config.impl, config.explore,
@@ -280,13 +296,10 @@ def run_explore(config, out=None) -> int:
             max_batch=config.batch if "batch" in given_opts else DEFAULT_MAX_BATCH,
             dtypes=config.explore_dtypes or (config.dtype,), simulator=config.simulator, seed=config.seed,
             timeout=config.timeout, rtol=config.rtol, atol=config.atol,
-            progress=None if live is None else (lambda r: _progress_line(r, live)))
+            progress=_reporter(sys.stderr, getattr(config, "quiet", False)))
     except (ModelFileError, ImplUnavailable, ValueError) as exc:
         print(f"autosp-verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    finally:
-        if live is not None:
-            live.write("\r\033[K")
     print(format_result(result), file=out)
     if result.verdict == MODEL_CANNOT:
         print(f"autosp-verify: the model fails on one device in every case tried: {result.model_error}",

@@ -38,3 +38,18 @@ def test_a_terminal_gets_the_lines_too_and_quiet_gets_none():
     assert b"case 1/3 P=2 S=8: PASS" in seen and b"case 3/3" in seen, seen[-500:]
     quiet = subprocess.run([*ARGS, "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and "case 1/3" not in quiet.stderr and "verdict: pass" in quiet.stdout
+
+
+def test_explore_reports_each_case_tried_and_the_shrink():
+    from autosp_verify.cli import main
+    import io
+    import contextlib
+    err = io.StringIO()
+    impl = os.path.join(HERE, "explore_impls.py") + ":padded_labels_zero"
+    with contextlib.redirect_stderr(err):
+        status = main([os.path.join(HERE, "tiny_model.py"), "--impl", impl, "--explore", "6", "--seed", "0",
+                       "--world-size", "2", "--seq-len", "8"])
+    lines = [l for l in err.getvalue().splitlines() if l.startswith("explore case ")]
+    assert status == 1 and lines, err.getvalue()
+    assert lines[0].startswith("explore case 1: P=2 ") and "\x1b" not in err.getvalue()
+    assert any("(shrinking;" in l for l in lines) or any("(searching;" in l for l in lines)

@@ -1,0 +1,47 @@
+"""Compile time with and without the passes (opt-in, see the package doc)."""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from autosp_verify.accounting.saved import _mark_sequence
+from autosp_verify.core import lifted_recompile_limit
+from autosp_verify.outputs import split_output
+
+
+def _fresh(backend: str):
+    """A backend object Dynamo has never seen, compiling with ``backend``: no cache entry applies."""
+    def fresh(gm, example_inputs):
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    return fresh
+
+
+def compile_times(spec, base, batch) -> dict | None:
+    """Seconds to compile with the passes (autosp.compile + warm_up) and without (torch.compile),
+    forward and backward each, for the named autosp impls; None for other impls."""
+    from autosp_verify.impls import _AUTOSP_IMPLS
+    backend = {"autosp": "aot_eager", "autosp-eager": "eager", "autosp-inductor": "inductor"}.get(spec.impl)
+    if not isinstance(spec.impl, str) or spec.impl not in _AUTOSP_IMPLS or backend is None:
+        return None
+    import torch._functorch.config
+    import torch._inductor.config
+
+    import autosp
+    with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        model = copy.deepcopy(base)
+        start, cpu = time.perf_counter(), time.process_time()
+        compiled = torch.compile(model, backend=_fresh(backend), fullgraph=True)
+        loss, _ = split_output(compiled(**_mark_sequence(batch, spec.seq_len)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if loss.requires_grad and params:
+            torch.autograd.grad(loss, params, allow_unused=True)
+        without, without_cpu = time.perf_counter() - start, time.process_time() - cpu
+        model = copy.deepcopy(base)
+        start, cpu = time.perf_counter(), time.process_time()
+        autosp.compile(model, backend=_fresh(backend)).warm_up(spec.world_size, **batch)
+        with_passes, with_cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"with_passes": with_passes, "without": without, "with_passes_cpu": with_cpu, "without_cpu": without_cpu,
+            "backend": backend}

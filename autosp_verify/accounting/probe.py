@@ -1,0 +1,106 @@
+"""The accounting probe: on the reference, every SDPA call (for the Ulysses minimum) and the loss
+size; on the ranks, autosp's collective counts; on both, the saved tensors."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from autosp_verify.accounting.saved import _storages, saved_activations
+from autosp_verify.probes import Probe, register
+
+NAME = "accounting"
+
+
+class _SDPARecorder(TorchFunctionMode):
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append(_sdpa_call(*args[:3], bool(kwargs.get("enable_gqa", False))))
+        return func(*args, **kwargs)
+
+
+def _distinct_heads(k, v) -> int:
+    """The fewest kv heads that k and v are repetitions of (repeat_interleave along the heads)."""
+    heads = k.shape[-3]
+    for n in range(1, heads):
+        if heads % n == 0:
+            r = heads // n
+            if all(torch.equal(t, t[..., ::r, :, :].repeat_interleave(r, dim=-3)) for t in (k, v)):
+                return n
+    return heads
+
+
+def _sdpa_call(q, k, v, enable_gqa: bool) -> dict:
+    call = {"q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape), "enable_gqa": enable_gqa,
+            "itemsize": q.element_size(), "kv_heads": k.shape[-3] if k.dim() >= 3 else 1}
+    with torch.no_grad():
+        if k.dim() >= 3 and k.shape[:-1] == v.shape[:-1] and k.shape[-3] > 1:
+            call["kv_heads"] = _distinct_heads(k.detach(), v.detach())
+    return call
+
+
+@register
+class Accounting(Probe):
+    """Reference: SDPA calls, loss size. Ranks: autosp's collective counts. Both: saved tensors."""
+    name = NAME
+
+    def before(self, model, ctx):
+        self.exclude = _storages([*model.parameters(), *model.buffers()])
+        self.saved, self.compiled, self.sdpa, self.loss_bytes = None, False, [], None
+        self.autosp_step = None
+
+    def wrap_reference(self, run):
+        def recorded(*args, **kwargs):
+            self._inputs(args, kwargs)
+            with _SDPARecorder(self.sdpa):
+                return run(*args, **kwargs)
+        return recorded
+
+    def _inputs(self, args, kwargs):
+        self.exclude |= _storages([*args, *kwargs.values()])
+
+    def wrap_impl(self, impl):
+        probe = self
+
+        def wrapped(model, group):
+            step = impl(model, group)
+            is_autosp = getattr(step, "autosp_counted", False)
+
+            def run(*args, **kwargs):
+                probe._inputs(args, kwargs)
+                if is_autosp:
+                    probe.autosp_step = step
+                    _autosp_reset()
+                return step(*args, **kwargs)
+            return run
+
+        wrapped.__dict__.update(getattr(impl, "__dict__", {}))
+        if hasattr(impl, "with_backend"):
+            wrapped.with_backend = lambda backend: self.wrap_impl(impl.with_backend(backend))
+        return wrapped
+
+    def after_forward(self, loss, outputs):
+        self.saved, self.compiled = saved_activations(loss, self.exclude)
+        self.loss_bytes = loss.numel() * loss.element_size()
+
+    def collect(self):
+        data = {"saved": self.saved, "compiled": self.compiled}
+        if self.on_reference:
+            data.update(sdpa=self.sdpa, loss_bytes=self.loss_bytes)
+        elif self.autosp_step is not None:
+            import autosp
+            config = getattr(self.autosp_step, "config", None)
+            backend = config.backend if config is not None else None
+            data.update(collectives=dict(autosp.collective_counts()),
+                        backend=backend if isinstance(backend, str) else None)
+        return data
+
+
+def _autosp_reset():
+    import autosp
+    autosp.reset_collective_counts()
