@@ -77,8 +77,9 @@ def _bytes(result):
     return c["measured"]["bytes_handed"], c["minimum"]["bytes_handed"]
 
 
-@pytest.mark.parametrize("name", ["hf_qwen2", "hf_olmo2_padded", "hf_qwen3_packed"])
-@pytest.mark.parametrize("world_size", [2, 8])
+@pytest.mark.parametrize("name, world_size", [
+    ("hf_qwen2", 2), ("hf_olmo2_padded", 2), ("hf_qwen3_packed", 2), ("hf_qwen2", 8),
+    pytest.param("hf_olmo2_padded", 8, marks=pytest.mark.slow), pytest.param("hf_qwen3_packed", 8, marks=pytest.mark.slow)])
 def test_repeated_kv_heads_move_before_they_are_repeated(name, world_size):
     """HF repeats kv heads (repeat_kv) before SDPA whenever a mask is passed (always under
     torch.compile); the pass moves the distinct heads and lets attention group the query heads:

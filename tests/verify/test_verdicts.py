@@ -36,8 +36,7 @@ def test_a_rank_ending_the_process_is_no_verdict_and_fails(tmp_path):
     assert "ended without a verdict (exit status 0)" in result.stderr
     recorded = json.loads(report.read_text())
     assert recorded["verdict"] == "error" and recorded["incomplete"], recorded
-    control = _run(LLAMA, "--impl", "autosp-eager")
-    assert control.returncode == 0 and "verdict: pass" in control.stdout, (control.stdout, control.stderr)
+    # control: the same command exits 0 on an exact run (tests/verify/test_progress.py)
 
 
 def _descendants(pid):
