@@ -54,5 +54,5 @@ def test_autosp_matches_one_device(case):
     result = autosp_verify.verify(
         lambda: ConfigurableLM(case["config"]), _inputs_fn(case["positions"], case["padding_mask"]),
         impl="autosp-eager", world_size=case["world_size"], seq_len=case["seq_len"], batch=case["batch"],
-        dtype=case["dtype"], seed=case["seed"])
+        dtype=case["dtype"], seed=case["seed"], steps=1)  # every example is another draw already
     assert result.passed, (case, result.status, result.error, result.failures[:5])

@@ -53,6 +53,7 @@ def _uneven():
     return model.to(torch.float32)
 
 
+@pytest.mark.slow
 def test_layers_that_differ_are_not_extended():
     model = build_model(_uneven)
     assert layers.homogeneous(model) == "the decoder layers differ in structure"

@@ -17,7 +17,7 @@ LAYERS = 3
 # impl, P, dtype, S, attention block elements, checkpointing, peak in the attention's backward
 SLOW = pytest.mark.slow
 CASES = [
-    pytest.param("one_device", 1, torch.float32, 1024, 0, None, False, id="one-device-fp32"),
+    pytest.param("one_device", 1, torch.float32, 1024, 0, None, False, id="one-device-fp32", marks=SLOW),
     pytest.param("autosp", 2, torch.bfloat16, 4096, 1 << 18, None, True, id="autosp-P2-bf16"),
     pytest.param("autosp", 4, torch.float32, 4096, 0, None, False, id="autosp-P4-fp32", marks=SLOW),
     pytest.param("autosp", 8, torch.bfloat16, 8192, 1 << 18, None, True, id="autosp-P8-bf16", marks=SLOW),
