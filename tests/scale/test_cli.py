@@ -14,6 +14,7 @@ TINY = os.path.join(HERE, "tiny_lm.py")
 FIXTURES = os.path.join(HERE, "..", "..", "fixtures")
 
 
+@pytest.mark.slow  # the CLI end to end (about 30 s); the simulator itself: test_validation.py, test_layers.py
 def test_tables_refusal_png_and_json(tmp_path, capsys):
     png, js = tmp_path / "scale.png", tmp_path / "scale.json"
     rc = main([TINY, "--impl", "autosp", "--world-size", "2,16", "--seq-len", "1k,4k", "--budget", "64MiB",
