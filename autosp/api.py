@@ -65,18 +65,17 @@ def _is_square_mask(name: str, t) -> bool:
         and t.shape[-1] == t.shape[-2]
 
 
-def _check_attention_implementation(model) -> None:
-    """HF models name their attention kernel in their configs. The passes shard
-    ``scaled_dot_product_attention`` only; flex and flash kernels otherwise end in a Dynamo error
-    that never names them."""
-    model = getattr(model, "__self__", model)  # a bound forward: its module
-    for name, module in (model.named_modules() if isinstance(model, torch.nn.Module) else ()):
+def check_sdpa(named_modules, who: str) -> None:
+    """HF models name their attention kernel in their configs; AutoSP shards
+    ``scaled_dot_product_attention`` only, and a flex, flash or eager kernel otherwise ends in an
+    error that never names it. ``named_modules``: (name, module) pairs to look at."""
+    for name, module in named_modules:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if impl not in (None, "sdpa"):
-            where = f"{type(module).__name__} ({name})" if name else type(module).__name__
-            raise AutoSPError(f"{where} uses attn_implementation={impl!r}: AutoSP shards attention through "
-                              "torch's scaled_dot_product_attention only; load the model with "
-                              "attn_implementation='sdpa' (on the config, and on its text/vision sub-configs)")
+            where = f"{name} ({type(module).__name__})" if name else type(module).__name__
+            raise AutoSPError(f"{where} uses attn_implementation={impl!r}: {who} needs 'sdpa' (torch's "
+                              "scaled_dot_product_attention); load the model with attn_implementation='sdpa' "
+                              "(on the config, and on its text/vision sub-configs)")
 
 
 class CompiledSP:
@@ -85,7 +84,8 @@ class CompiledSP:
     autosp_counted = True  # every collective it runs goes through autosp's counters (verifier accounting)
 
     def __init__(self, model, config: SPConfig, compile_kwargs):
-        _check_attention_implementation(model)
+        module = getattr(model, "__self__", model)  # a bound forward (the DeepSpeed path): its module
+        check_sdpa(module.named_modules() if isinstance(module, torch.nn.Module) else (), "AutoSP's passes")
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)
         self._compile_kwargs = compile_kwargs

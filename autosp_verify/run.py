@@ -58,9 +58,7 @@ def _payload(sim, spec, base, batch, later, folder):
 
 def simulate(sim, spec, base, batch, timeout, later=()) -> list:
     """The ranks' results for this case on ``sim`` (raises what the simulator raises). ``later``:
-    the batches of steps 2.. (``spec.steps`` of them in all); reruns pass none and one step."""
-    if len(later) != spec.steps - 1:
-        spec = dataclasses.replace(spec, steps=1 + len(later))
+    the batches the ranks step on after ``batch`` (reruns pass none)."""
     with tempfile.TemporaryDirectory(prefix="autosp-verify-") as folder, lifted_recompile_limit():
         return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, later, folder), timeout)
 

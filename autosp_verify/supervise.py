@@ -15,6 +15,7 @@ verifier as a child process in a session of its own:
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -80,15 +81,16 @@ def _how_it_ended(returncode: int) -> str:
 def _record_incomplete(argv: list, why: str) -> None:
     """``--json PATH`` given: the report says the run is incomplete (a CI artifact must not be
     missing, or left from an earlier run)."""
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--json" and i + 1 < len(argv) else arg[7:] if arg.startswith("--json=") else None
-        if path:
-            try:
-                with open(path, "w") as f:
-                    json.dump({"verdict": "error", "incomplete": True, "error": why, "cases": []}, f)
-                    f.write("\n")
-            except OSError:
-                pass
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--json")
+    path = parser.parse_known_args(argv)[0].json
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"verdict": "error", "incomplete": True, "error": why, "cases": []}, f)
+                f.write("\n")
+        except OSError:
+            pass
 
 
 def supervise(argv: list) -> int:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from autosp.api import check_sdpa
 from autosp.errors import AutoSPError
 from autosp import collectives
 from autosp.collectives import ChunkLayout
@@ -197,15 +198,6 @@ def _new_forward(state: _SPState):
     return hook
 
 
-def _check_attention_impl(info: SPModelInfo) -> None:
-    for name, module in info.vit_attn_modules + info.llm_attn_modules:
-        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        if impl is not None and impl != "sdpa":
-            raise AutoSPError(f"{name} ({type(module).__name__}) uses attn_implementation={impl!r}; AutoSP's "
-                              "module-level wrapping needs 'sdpa' (set it on the config, and on the "
-                              "vision/text sub-configs)")
-
-
 def auto_wrap_model_for_sp(model: nn.Module, process_group=None, fusion: bool = True) -> nn.Module:
     """Make ``model`` sequence parallel over ``process_group`` (default: the world), in place.
 
@@ -225,7 +217,7 @@ def auto_wrap_model_for_sp(model: nn.Module, process_group=None, fusion: bool = 
     info = detect_model_sp_info(model)
     if not info.blocks:
         raise AutoSPError(describe_unknown(model))
-    _check_attention_impl(info)
+    check_sdpa(info.vit_attn_modules + info.llm_attn_modules, "AutoSP's module-level wrapping")
     state = _SPState(group, info)
     for name, (block, side, attention_names) in info.blocks.items():
         causal = any(getattr(model.get_submodule(a), "is_causal", False) for a in attention_names)

@@ -76,5 +76,4 @@ from autosp_verify.accounting.probe import NAME, Accounting, _sdpa_call
 from autosp_verify.accounting.saved import baseline_saved, classify, saved_activations
 
 __all__ = ["BASELINE_BACKEND", "NAME", "NO_SP_RATIO", "Accounting", "account", "account_case", "baseline_saved",
-           "bytes_sent", "classify", "compile_times", "saved_activations", "sequence_parallel", "ulysses_minimum",
-           "_sdpa_call"]
+           "bytes_sent", "classify", "compile_times", "saved_activations", "sequence_parallel", "ulysses_minimum"]

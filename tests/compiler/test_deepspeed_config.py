@@ -101,22 +101,28 @@ def _compare(run, ref_losses, ref_weights):
     return failures, worst
 
 
-@pytest.mark.multiproc
-def test_deepspeed_config_trains_exactly_on_gloo_dp2_sp2():
+def spawn_ranks(worker, *args, timeout=240):
+    """``worker(rank, *args, init_file, out_dir)`` in WORLD spawned processes; each rank's saved
+    results (``out_dir/rank{r}.pt``), in rank order."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, os.path.join(tmp, "store"), tmp)) for r in range(WORLD)]
+        procs = [ctx.Process(target=worker, args=(r, *args, os.path.join(tmp, "store"), tmp)) for r in range(WORLD)]
         for p in procs:
             p.start()
         for p in procs:
-            p.join(240)
+            p.join(timeout)
         codes = [p.exitcode for p in procs]
         for p in procs:
             if p.is_alive():
                 p.kill()
         assert codes == [0] * WORLD, f"worker exit codes {codes}"
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.multiproc
+def test_deepspeed_config_trains_exactly_on_gloo_dp2_sp2():
+    ranks = spawn_ranks(_worker)
     ref_losses, ref_weights = _reference()
     report = [f"reference per-replica losses: {ref_losses}"]
     for name, _, wrong in RUNS:

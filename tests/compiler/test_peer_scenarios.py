@@ -12,12 +12,11 @@ float32 only: DeepSpeed's bf16 path keeps float32 master weights and its own gra
 accumulation, which a one-device reference would have to reimplement rather than run.
 """
 import os
-import tempfile
 
 import pytest
 import torch
 
-from .test_deepspeed_config import _compare, _loss
+from .test_deepspeed_config import _compare, _loss, spawn_ranks
 
 WORLD, MICRO, SEQ, STEPS, LR, CLIP = 4, 1, 64, 3, 1e-4, 1.0
 RUNS = (("zero1", 1, False), ("wrong-reduction", 0, True))  # ZeRO-0 and 2 with SGD: test_deepspeed_config.py
@@ -89,28 +88,11 @@ def _reference(dp):
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _run(sp):
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, sp, os.path.join(tmp, "store"), tmp)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(300)
-        codes = [p.exitcode for p in procs]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        assert codes == [0] * WORLD, f"worker exit codes {codes}"
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_deepspeed_autosp_scenario_is_exact(sp):
     from autosp_verify.compare import TOLERANCES, check_tensor
-    ranks = _run(sp)
+    ranks = spawn_ranks(_worker, sp, timeout=300)
     ref_losses, ref_norms, ref_weights = _reference(WORLD // sp)
     tol = TOLERANCES[torch.float32]
     report = [f"reference losses {ref_losses} norms {ref_norms}"]
