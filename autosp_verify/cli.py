@@ -116,8 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
                                 "implementation of a model is exact against the model on one device.")
     p.add_argument("model", nargs="+", help="model file(s): a .py defining model_fn() and inputs_fn(batch, seq_len, "
                    "generator); several are verified one after the other (as a pre-commit hook passes them)")
-    p.add_argument("--impl", default="autosp", help="autosp (default), autosp-wrap, deepspeed, deepspeed-eager, MODULE:CALLABLE "
-                   "or path/to/file.py:CALLABLE")
+    p.add_argument("--impl", default="autosp", help="autosp (default), autosp-wrap, deepspeed, deepspeed-eager, "
+                   "alst, MODULE:CALLABLE or path/to/file.py:CALLABLE")
     p.add_argument("--world-size", type=_int_list, default=(2,), help="SP degrees, comma-separated (default 2)")
     p.add_argument("--seq-len", type=_int_list, default=(16,), help="sequence lengths, comma-separated (default 16)")
     p.add_argument("--batch", type=_positive_int, default=2)

@@ -47,7 +47,8 @@ Names
 ``autosp-wrap``: ``autosp.multimodal.auto_wrap_model_for_sp`` (module-level, eager; vision-language
 models). ``deepspeed``: DeepSpeed's own AutoSP passes
 and backend (passes + Inductor); ``deepspeed-eager``: the same passes, the rewritten graph run
-eagerly (no Inductor; seconds instead of minutes on CPU). ``MODULE:CALLABLE`` or
+eagerly (no Inductor; seconds instead of minutes on CPU). ``alst``: DeepSpeed's ALST Ulysses
+for HF models (``UlyssesSPAttentionHF``; see :mod:`autosp_verify.alst_impl`). ``MODULE:CALLABLE`` or
 ``path/to/file.py:CALLABLE``: a user's callable.
 """
 from __future__ import annotations
@@ -177,10 +178,14 @@ def resolve_impl(spec) -> Callable:
         _check_deepspeed()
         from autosp_verify import deepspeed_impl
         return deepspeed_impl.deepspeed_impl if spec == "deepspeed" else deepspeed_impl.deepspeed_eager_impl
+    if spec == "alst":
+        _check_deepspeed()
+        from autosp_verify.alst_impl import alst_impl
+        return alst_impl
     if isinstance(spec, str) and ":" in spec:
         return _load_callable(spec)
-    raise ImplUnavailable(f"unknown impl {spec!r}: use autosp, autosp-wrap, deepspeed, deepspeed-eager, MODULE:CALLABLE "
-                          "or path/to/file.py:CALLABLE")
+    raise ImplUnavailable(f"unknown impl {spec!r}: use autosp, autosp-wrap, deepspeed, deepspeed-eager, alst, "
+                          "MODULE:CALLABLE or path/to/file.py:CALLABLE")
 
 
 def impl_label(spec) -> str:
