@@ -258,6 +258,17 @@ def _whole(values, ref, seq):
             return None
     if any(v.dim() != ref.dim() for v in values):
         return None
+    whole = _concatenated(values, ref)
+    if whole is None:  # a dim of 1 broadcast where one device holds more (one row for the batch)
+        wide = [d for d in range(ref.dim()) if ref.shape[d] > 1 and all(v.shape[d] == 1 for v in values)]
+        if wide:
+            sizes = [[ref.shape[d] if d in wide else n for d, n in enumerate(v.shape)] for v in values]
+            whole = _concatenated([v.expand(*size) for v, size in zip(values, sizes)], ref)
+    return whole
+
+
+def _concatenated(values, ref):
+    """Same-rank shards that differ from ``ref`` along one dim -> concatenated along it, or None."""
     for d in range(ref.dim()):  # a whole dim padded on every rank (the sequence, head-sharded)
         if all(v.shape[d] > ref.shape[d] for v in values):
             values = [v.narrow(d, 0, ref.shape[d]) for v in values]
@@ -318,7 +329,7 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
     ref_entries = {e.name: e for e in reference}
     per_rank = [{e.name: e for e in r} for r in ranks]
     order = [e for e in ranks[0] if e.key in ref_entries]
-    trace, first = [], None
+    trace, first, unplaced = [], None, None
     for phase in ("forward", "backward"):
         last_match = None
         steps = order if phase == "forward" else list(reversed(order))
@@ -339,6 +350,9 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
                           for e in found]
             check = _check(entry.name, values, ref_value, entry.seq, tol, grads=phase == "backward")
             if check is None:
+                if unplaced is None and all(v is not None for v in values):
+                    shapes = sorted({tuple(v.shape) for v in values})
+                    unplaced = f"{entry.name} (rank shapes {shapes}, reference {tuple(ref_value.shape)})"
                 continue
             if phase == "forward" and check.passed and ref.requires_grad:
                 cut = [r for r, e in enumerate(per_rank) if entry.name in e and not e[entry.name].requires_grad]
@@ -350,6 +364,9 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
                           "rel_err": check.rel_err if math.isfinite(check.rel_err) else None})
             if first is None and not check.passed:
                 first = _describe(entry, check, values, ref_value, phase, last_match)
+                if unplaced is not None:  # it may have gone wrong there: say so, it was not compared
+                    first["message"] += f"; not compared before it, its shards cannot be put together: {unplaced}"
+                    first["not_compared"] = unplaced
             elif first is None:
                 last_match = entry.name
         if first is not None:

@@ -63,16 +63,36 @@ def simulate(sim, spec, base, batch, timeout, later=()) -> list:
         return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, later, folder), timeout)
 
 
-def _diagnose(spec, sim, base, batch, tol, timeout, failing=()):
+@dataclasses.dataclass
+class Case:
+    """One case as every stage sees it (run, compare, diagnose, account): what it is, where it
+    runs, its model and batch, and its one-device reference. Stages ask it; nothing is handed down."""
+    spec: CaseSpec
+    sim: object
+    base: torch.nn.Module
+    batch: dict
+    inputs_fn: object
+    tol: object
+    timeout: float
+    ref: object = None
+    later: tuple = ()
+
+    def run(self, spec=None, batch=None, later=()) -> list:
+        """The ranks' results for this case, or for ``spec``/``batch`` in its place (reruns)."""
+        return simulate(self.sim, spec or self.spec, self.base, self.batch if batch is None else batch,
+                        self.timeout, later)
+
+
+def _diagnose(case: Case, failing=()):
     """Run a failing case again, recording every intermediate value (divergence.py), and find
     the first one that differs. Never raises: a diagnosis that cannot run says why."""
     from autosp_verify.divergence import locate
-    spec = dataclasses.replace(spec, probes=("record",))  # alone: other probes must not watch a compiled reference
+    spec = dataclasses.replace(case.spec, probes=("record",))  # alone: other probes must not watch a compiled reference
     try:
         with lifted_recompile_limit():  # the reference is compiled too (op level)
-            ref = reference(base, batch, spec)
-        ranks = simulate(sim, spec, base, batch, timeout)
-        first, trace = locate(ref.probes["record"], [r["probes"]["record"] for r in ranks], tol, spec.seq_len)
+            ref = reference(case.base, case.batch, spec)
+        ranks = case.run(spec)
+        first, trace = locate(ref.probes["record"], [r["probes"]["record"] for r in ranks], case.tol, spec.seq_len)
     except Exception as exc:
         text = f"could not record intermediate values ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
         if "compile" in str(exc):
@@ -92,16 +112,16 @@ def _diagnose(spec, sim, base, batch, tol, timeout, failing=()):
     return first, trace
 
 
-def _reference_changed(ref, base, batch, spec, tol) -> str | None:
+def _reference_changed(case: Case) -> str | None:
     """Why the one-device reference is no longer what it was before the impl ran, or None.
 
     An impl runs in this process (threaded, fake) or is imported here to be checked: one that
     patches torch or the model's classes at import or while preparing (as SP libraries that
     register attention functions do) would change the reference too, and be compared with itself.
     So the reference is computed first and computed again after the ranks ran."""
-    again = reference(base, batch, dataclasses.replace(spec, probes=()))
-    checks = [check_tensor("loss", again.loss, ref.loss, tol)]
-    checks += [check_tensor(f"grad {n}", again.grads[n], g, tol) for n, g in ref.grads.items()]
+    again, ref = reference(case.base, case.batch, dataclasses.replace(case.spec, probes=())), case.ref
+    checks = [check_tensor("loss", again.loss, ref.loss, case.tol)]
+    checks += [check_tensor(f"grad {n}", again.grads[n], g, case.tol) for n, g in ref.grads.items()]
     changed = [c for c in checks if not c.passed]
     if not changed:
         return None
@@ -158,16 +178,17 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     if sim.structural:  # no numbers to compare: one step shows the structure
         spec = dataclasses.replace(spec, steps=1)
     model_fn, file_inputs_fn = model_functions(spec.model)
-    base, batch = build_case(model_fn, inputs_fn or file_inputs_fn, spec)
-    later = later_batches(inputs_fn or file_inputs_fn, spec)
+    inputs_fn = inputs_fn or file_inputs_fn
+    base, batch = build_case(model_fn, inputs_fn, spec)
+    case = Case(spec, sim, base, batch, inputs_fn, tol, timeout, later=tuple(later_batches(inputs_fn, spec)))
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
-        ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
-        later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in later]
+        case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
+        later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in case.later]
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
     try:
-        ranks = simulate(sim, spec, base, batch, timeout, later)
+        ranks = case.run(later=case.later)
     except SimulationError as exc:
         result.status = "unsupported" if exc.failure.kind == "unsupported" else "error"
         result.error = exc.failure.message
@@ -176,26 +197,22 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         result.status, result.error = "skipped", str(exc)
         return result
     with deadline(timeout, "the one-device reference, computed again after the ranks"):
-        tampered = _reference_changed(ref, base, batch, spec, tol)
+        tampered = _reference_changed(case)
     if tampered:
         result.error = tampered
         return result
     if accounting:
         from autosp_verify.accounting import account_case
-
-        def rerun(spec2, batch2):
-            return simulate(sim, spec2, base, batch2, timeout)
-        result.accounting = account_case(spec, ref, ranks, base, batch, inputs_fn or file_inputs_fn, rerun,
-                                         memory=memory, compile_time=compile_time)
+        result.accounting = account_case(case, ranks, memory=memory, compile_time=compile_time)
     if sim.structural:
-        result.failures = check_structure(ref, ranks)
+        result.failures = check_structure(case.ref, ranks)
         result.structural_collectives = structural_collectives(ranks)
         result.status = "fail" if result.failures else "structural"
         return result
-    cmp = _record_comparison(result, ref, later_refs, ranks, tol)
+    cmp = _record_comparison(result, case.ref, later_refs, ranks, tol)
     if not cmp.passed and diagnose:
         failing = [c.name for c in cmp.checks if not c.passed]
-        result.first_divergence, result.divergence_trace = _diagnose(spec, sim, base, batch, tol, timeout, failing)
+        result.first_divergence, result.divergence_trace = _diagnose(case, failing)
     return result
 
 

@@ -92,11 +92,12 @@ def _longer_batch(spec, base, inputs_fn):
     return spec2, build_case(lambda: base, inputs_fn, spec2)[1]
 
 
-def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory=True) -> dict:
-    """The case's accounting from the probe data of the reference and the ranks. ``memory``: also
-    the activation memory, which runs the ranks again on a batch P positions longer
-    (``rerun(spec2, batch2) -> rank results``) and the single-device model twice."""
-    ref_data = ref.probes.get(NAME) or {}
+def account(case, ranks, *, memory=True) -> dict:
+    """The case's accounting from the probe data of its reference and its ranks (``case``: a
+    :class:`autosp_verify.run.Case`). ``memory``: also the activation memory, which runs the ranks
+    again on a batch P positions longer (``case.run``) and the single-device model twice."""
+    spec, base, batch = case.spec, case.base, case.batch
+    ref_data = case.ref.probes.get(NAME) or {}
     ranks = [r for r in ranks if r is not None]  # the fake simulator runs only some ranks
     rank_data = [(r.get("probes") or {}).get(NAME) or {} for r in ranks]
     result = {"collectives": _collectives(spec, ref_data, rank_data)}
@@ -106,8 +107,8 @@ def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory
     if memory and rank_data and all(d.get("saved") is not None for d in rank_data):
         batch2, ranks2 = None, None
         try:
-            spec2, batch2 = _longer_batch(spec, base, inputs_fn)
-            ranks2 = [r["probes"][NAME] for r in rerun(spec2, batch2) if r is not None]
+            spec2, batch2 = _longer_batch(spec, base, case.inputs_fn)
+            ranks2 = [r["probes"][NAME] for r in case.run(spec2, batch2) if r is not None]
         except Exception as exc:  # noqa: BLE001 (reported: the accounting never fails a case)
             result["memory_note"] = f"the run at S+P failed: {type(exc).__name__}: {exc}"
             batch2 = None
@@ -115,13 +116,12 @@ def account(spec, ref, ranks, base, batch, *, inputs_fn=None, rerun=None, memory
     return result
 
 
-def account_case(spec, ref, ranks, base, batch, inputs_fn, rerun, *, memory=False, compile_time=False) -> dict:
-    """:func:`account` (and :func:`compile_times`) for run_case; ``rerun(spec2, batch2)`` runs the
-    ranks again on another batch. Never raises: a failure is reported."""
+def account_case(case, ranks, *, memory=False, compile_time=False) -> dict:
+    """:func:`account` (and :func:`compile_times`) for run_case. Never raises: a failure is reported."""
     try:
-        result = account(spec, ref, ranks, base, batch, inputs_fn=inputs_fn, rerun=rerun, memory=memory)
+        result = account(case, ranks, memory=memory)
         if compile_time:
-            result["compile_s"] = compile_times(spec, base, batch)
+            result["compile_s"] = compile_times(case.spec, case.base, case.batch)
     except Exception as exc:  # noqa: BLE001 (reported: the accounting never fails a case)
         result = {"error": f"{type(exc).__name__}: {exc}"}
     return result

@@ -12,7 +12,7 @@ import torch
 from autosp_verify.cli import main
 from autosp_verify.compare import tolerance_for
 from autosp_verify.core import CaseSpec, build_case, model_functions
-from autosp_verify.run import _diagnose, verify_file
+from autosp_verify.run import Case, _diagnose, verify_file
 from autosp_verify.simulators import get_simulator
 
 from .conftest import HERE, TINY, ulysses
@@ -49,6 +49,25 @@ def test_shards_that_do_not_add_up_are_named_where_they_start():
     first = result.first_divergence
     assert "do not add up" in first["message"] and "12 of the reference's 13" in first["message"], first
     assert first["name"] != "(step loss)", first
+
+
+def test_a_value_broadcast_over_the_batch_is_put_together_and_named():
+    """Positions from the local length as one [1, S/P] row: the position table on a rank is
+    [1, S/P, H] against the reference's [B, S, H]. Expanded over the batch it is compared, and
+    named, instead of skipped (which left the first block to be named)."""
+    result = verify_file(TINY, impl=ulysses("broadcast_local_positions"), world_size=2, seq_len=16)
+    first = result.first_divergence
+    assert result.status == "fail" and first["name"] == "pos", first["message"]
+    assert first["rank_shapes"] == [[1, 8, 16]] and first["reference_shape"] == [2, 16, 16]
+
+
+def test_a_value_whose_shards_cannot_be_put_together_is_named_with_the_divergence():
+    """Positions as a vector: the table is [S/P, H] on a rank against [B, S, H]. Nothing says how
+    to compare it, so the first block is named, and the message names the table and its shapes."""
+    result = verify_file(TINY, impl=ulysses("flat_local_positions"), world_size=2, seq_len=16)
+    first = result.first_divergence
+    assert result.status == "fail", result.failures
+    assert first["not_compared"] == "pos (rank shapes [(8, 16)], reference (2, 16, 16))", first["message"]
 
 
 def test_a_bug_only_in_a_parameter_gradient_is_named_as_such():
@@ -103,7 +122,8 @@ def test_a_correct_impl_recorded_op_by_op_has_no_divergent_value():
     spec = CaseSpec(LLAMA_STYLE, "autosp-eager", 4, 13, 2, "float64", 0)
     model_fn, inputs_fn = model_functions(spec.model)
     base, batch = build_case(model_fn, inputs_fn, spec)
-    first, trace = _diagnose(spec, get_simulator("threaded"), base, batch, tolerance_for(torch.float64), 120)
+    case = Case(spec, get_simulator("threaded"), base, batch, inputs_fn, tolerance_for(torch.float64), 120)
+    first, trace = _diagnose(case)
     assert "every recorded intermediate value and gradient matches" in first["message"]
     ops = {e["op"] for e in trace}
     assert {"seq_to_head.default", "head_to_seq.default", "scaled_dot_product_attention"} <= ops

@@ -82,11 +82,18 @@ def make_ulysses(*, gather_back=True, global_loss=True, shift_before_shard=True,
                 position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
             if local_positions:  # the bug: positions counted from 0 on every rank's shard
                 position_ids = torch.arange(s // p).unsqueeze(0).expand(b, s // p).repeat(1, p)
+            if local_positions == "broadcast":  # the same, one row for the batch: [1, S/P] on a rank
+                position_ids = torch.arange(s // p).unsqueeze(0).repeat(1, p)
+            if local_positions == "flat":  # the same, as a vector: [S/P] on a rank
+                position_ids = torch.arange(s // p).repeat(p).unsqueeze(0)
             if shift_before_shard:
                 local_labels = shift_labels(labels)[:, shard]
             else:  # the bug: each shard loses the target of its last token
                 local_labels = shift_labels(labels[:, shard])
-            logits = model(input_ids=input_ids[:, shard], position_ids=position_ids[:, shard])["logits"]
+            local_positions_ = position_ids[:, shard]
+            if local_positions == "flat":
+                local_positions_ = local_positions_[0]
+            logits = model(input_ids=input_ids[:, shard], position_ids=local_positions_)["logits"]
             flat = local_labels.flatten()
             if not global_loss:  # the bug: every rank reports the mean over its own tokens
                 return {"loss": F.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-100), "logits": logits}
@@ -108,4 +115,6 @@ shard_then_shift = make_ulysses(shift_before_shard=False)  # (3) labels sharded 
 wrong_gather_dim = make_ulysses(gather_dim=3)  # (4) heads gathered back along the head size
 local_positions = make_ulysses(local_positions=True)  # (5) positions from the local length
 no_grad_all_to_all = make_ulysses(differentiable=False)  # (6) a non-differentiable all-to-all
+broadcast_local_positions = make_ulysses(local_positions="broadcast")  # (5b) [1, S/P] against [B, S]
+flat_local_positions = make_ulysses(local_positions="flat")  # (5c) [S/P, H] against [B, S, H]
 truncated_tail = make_ulysses(truncate=True)  # (7) S mod P positions dropped: the shards do not add up
