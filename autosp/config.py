@@ -40,6 +40,11 @@ class SPConfig:
         (batch x this rank's heads x query rows x keys) per block of query rows: masks are
         rebuilt one block of rows at a time from O(S) data (``autosp.masked_attention``).
         0 (default): as many as the queries have elements (so it grows linearly in S).
+    ulysses: past the head count, P = U x R: Ulysses all-to-alls over blocks of U ranks (heads),
+        keys and values gathered over the R blocks (queries stay local). None (default): all
+        Ulysses when every attention has at least P query heads, else the largest U dividing P
+        that the query heads allow (``autosp.collectives.sp_degrees``). An int fixes U; it must
+        divide the group size.
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None
@@ -53,6 +58,7 @@ class SPConfig:
     checkpointing: str | None = None
     checkpoint_min_bytes: int = 0
     attention_block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    ulysses: int | None = None
 
     def __post_init__(self):
         from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
@@ -84,6 +90,10 @@ class SPConfig:
         if isinstance(self.attention_block_elements, bool) or not isinstance(self.attention_block_elements, int) \
                 or self.attention_block_elements < 0:
             raise AutoSPError(f"attention_block_elements must be a non-negative int, got {self.attention_block_elements!r}")
+
+        if self.ulysses is not None and (isinstance(self.ulysses, bool) or not isinstance(self.ulysses, int)
+                                         or self.ulysses < 1):
+            raise AutoSPError(f"ulysses must be a positive int (the Ulysses degree), got {self.ulysses!r}")
 
     def resolve_group(self) -> dist.ProcessGroup:
         if not dist.is_initialized():

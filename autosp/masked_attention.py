@@ -156,8 +156,8 @@ def _work_dtype(dtype):
 class _Blocks:
     """The query blocks of one call and, for each, its mask rows and the keys they reach."""
 
-    def __init__(self, q, k, leaves, program, length, block_elements):
-        self.leaves, self.program, self.length = leaves, program, length
+    def __init__(self, q, k, leaves, program, length, block_elements, offset=0):
+        self.leaves, self.program, self.length, self.offset = leaves, program, length, offset
         self.device = q.device
         self.scores_shape = q.shape[:-1] + (k.shape[2],)
         batch, heads, rows = q.shape[0], q.shape[1], q.shape[2]
@@ -178,9 +178,13 @@ class _Blocks:
                                f"broadcast to the scores {want}")
 
     def __iter__(self):
-        for start in range(0, min(self.rows, self.length), self.size):
-            stop = min(start + self.size, self.length)
-            mask = evaluate(self.program, self.leaves, Block(start, stop, self.length, self.device))
+        """(first row, last row + 1, the rows' mask, first key, last key + 1) per block; rows count
+        from this call's first query, which is position ``offset`` of the sequence."""
+        real_rows = min(self.rows, self.length - self.offset)
+        for start in range(0, real_rows, self.size):
+            stop = min(start + self.size, real_rows)
+            block = Block(self.offset + start, self.offset + stop, self.length, self.device)
+            mask = evaluate(self.program, self.leaves, block)
             if mask is not None:
                 self._check(mask, stop - start)
             key_stop = self.length
@@ -222,17 +226,28 @@ def _groups(q, k, enable_gqa: bool) -> int:
     return q.shape[1] // k.shape[1]
 
 
+def _offset(q: Tensor, group: str, ulysses: int) -> int:
+    """The sequence position of q's first row: 0, or with keys and values gathered over blocks of
+    ``ulysses`` ranks (``autosp::gather_kv``), where this rank's block starts."""
+    if not group:
+        return 0
+    from autosp.collectives.ops import _rank
+    return _rank(group) // ulysses * q.shape[2]
+
+
 @torch.library.custom_op("autosp::masked_attention", mutates_args=())
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], program: str, length: int, scale: float, enable_gqa: bool,
-                     block_elements: int) -> tuple[Tensor, Tensor]:
+                     block_elements: int, group: str, ulysses: int) -> tuple[Tensor, Tensor]:
     """(attention output [B, H, S', Dv], log-sum-exp [B, H, S']) for [B, H, S', D] q; the log-sum-exp
-    in float32 for half-precision inputs."""
+    in float32 for half-precision inputs. q's rows are positions 0.. of the sequence (``group`` ""),
+    or, given the group and the Ulysses degree of a two-level layout, those of this rank's block."""
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
-    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements):
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements,
+                                             _offset(q, group, ulysses)):
         if k1 == k0:
             continue
         s = _scores(qw[:, :, start:stop], kw[:, :, k0:k1], mask, scale, groups)
@@ -245,7 +260,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], prog
 
 
 @masked_attention.register_fake
-def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements):
+def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return out, q.new_empty(q.shape[:-1], dtype=_work_dtype(q.dtype))
 
@@ -253,14 +268,15 @@ def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements):
 @torch.library.custom_op("autosp::masked_attention_backward", mutates_args=())
 def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               leaves: list[Tensor], program: str, length: int,
-                              scale: float, enable_gqa: bool, block_elements: int
-                              ) -> tuple[Tensor, Tensor, Tensor]:
+                              scale: float, enable_gqa: bool, block_elements: int, group: str,
+                              ulysses: int) -> tuple[Tensor, Tensor, Tensor]:
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
     qw, kw, vw, gw, ow = (t.to(work) for t in (q, k, v, grad, out))
     dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
     delta = (gw * ow).sum(-1)  # [B, H, S']: rowsum(dO * O), the softmax's backward term
-    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements):
+    for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements,
+                                             _offset(q, group, ulysses)):
         if k1 == k0:
             continue
         qb, kb, vb, gb = qw[:, :, start:stop], kw[:, :, k0:k1], vw[:, :, k0:k1], gw[:, :, start:stop]
@@ -276,20 +292,20 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 
 
 @masked_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, leaves, program, length, scale, enable_gqa, block_elements):
+def _(grad, q, k, v, out, lse, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, leaves, program, length, scale, enable_gqa, block_elements = inputs
+    q, k, v, leaves, *args = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], *leaves)
-    ctx.args = (program, length, scale, enable_gqa, block_elements)
+    ctx.args = tuple(args)  # program, length, scale, enable_gqa, block_elements, group, ulysses
 
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, *leaves = ctx.saved_tensors
     dq, dk, dv = masked_attention_backward(grad, q, k, v, out, lse, leaves, *ctx.args)
-    return dq, dk, dv, [None] * len(leaves), None, None, None, None, None
+    return (dq, dk, dv, [None] * len(leaves)) + (None,) * len(ctx.args)
 
 
 masked_attention.register_autograd(_backward, setup_context=_setup)

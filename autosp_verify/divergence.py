@@ -331,7 +331,7 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
     order = [e for e in ranks[0] if e.key in ref_entries]
     trace, first, unplaced = [], None, None
     for phase in ("forward", "backward"):
-        last_match = None
+        last_match, unplaced = None, None
         steps = order if phase == "forward" else list(reversed(order))
         for entry in steps:
             ref = ref_entries[entry.key]

@@ -77,8 +77,10 @@ def reset_collective_counts() -> None:
     collective_counts().clear()
 
 
-def count(kind: str, t: torch.Tensor) -> None:
+def count(kind: str, t: torch.Tensor, sent: float) -> None:
+    """One collective of ``kind`` handed ``t``, of which ``sent`` bytes leave this rank."""
     counts = collective_counts()
     with _COUNTS_LOCK:
         counts[kind] += 1
         counts[kind + "_bytes"] += t.numel() * t.element_size()
+        counts["sent_bytes"] += sent

@@ -36,6 +36,44 @@ class ChunkLayout:
         return cls(length, dist.get_world_size(group), dist.get_rank(group))
 
 
+def kv_heads_sent(q_heads: int, kv_heads: int, ulysses: int) -> int:
+    """Key/value heads an all-to-all over ``ulysses`` ranks carries (see ``kv_repeats``)."""
+    q_padded = -(-q_heads // ulysses) * ulysses
+    if kv_heads == q_heads or q_heads % ulysses:
+        return q_padded
+    if kv_heads % ulysses == 0:
+        return kv_heads
+    if ulysses % kv_heads == 0:
+        return ulysses
+    return q_padded
+
+
+def _elements_sent(q_heads: int, kv_heads: int, world_size: int, ulysses: int) -> float:
+    """Head-vectors a rank sends per position it holds, forward and backward (equal head sizes)."""
+    u, r = ulysses, world_size // ulysses
+    q_padded, kv = -(-q_heads // u) * u, kv_heads_sent(q_heads, kv_heads, u)
+    return 2 * (2 * q_padded + 2 * kv) * (u - 1) / u + 2 * 2 * kv * (r - 1)
+
+
+def sp_degrees(q_heads: int, world_size: int, ulysses: int | None = None,
+               kv_heads: int | None = None) -> tuple[int, int]:
+    """(U, R): Ulysses over blocks of U ranks (heads), keys and values gathered over the R = P / U
+    blocks (queries stay local). All Ulysses when there are at least P query heads; past the head
+    count, the U dividing P and at most the query heads that sends the fewest bytes (kv heads a
+    wide Ulysses would replicate can cost more than gathering them), the larger U on a tie.
+    ``ulysses`` fixes U (it must divide P)."""
+    if ulysses is not None:
+        if ulysses < 1 or world_size % ulysses:
+            raise ValueError(f"ulysses={ulysses} must divide the group size {world_size}")
+        return ulysses, world_size // ulysses
+    if q_heads >= world_size:
+        return world_size, 1
+    candidates = [u for u in range(1, q_heads + 1) if world_size % u == 0]
+    kv = kv_heads or q_heads
+    u = min(candidates, key=lambda u: (_elements_sent(q_heads, kv, world_size, u), -u))
+    return u, world_size // u
+
+
 def kv_repeats(q_heads: int, kv_heads: int, world_size: int, gqa: bool) -> tuple[int, bool]:
     """How often to repeat each key/value head before the all-to-all, and whether attention still
     groups query heads (``enable_gqa``), so that each rank holds the kv heads of its query heads:

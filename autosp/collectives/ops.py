@@ -117,87 +117,174 @@ mask_padding.register_autograd(_mask_backward, setup_context=_mask_setup)
 
 
 # --- all-to-all: sequence-sharded <-> head-sharded -------------------------------------------------
+#
+# Two-level layouts (P = U x R, ``ulysses`` = U < P): rank r = g*U + u holds sequence chunk r, so
+# the U ranks of block g (its Ulysses peers) hold a contiguous super-chunk g; their all-to-all
+# gives each the super-chunk for 1/U of the heads. The R ranks with the same u (its kv peers) hold
+# the same heads for every super-chunk: ``gather_kv`` gathers keys and values over them. Both run
+# as one all-to-all over the whole group in which a rank sends only to its peers.
 
-def _all_to_all(x: Tensor, group: str, kind: str = "all_to_all") -> Tensor:
-    """all_to_all over dim 0 of a contiguous tensor whose dim 0 is the world size."""
+def ulysses_peers(rank: int, world_size: int, ulysses: int) -> list[int]:
+    """The ranks of ``rank``'s Ulysses block (all of them when ``ulysses`` is 0 or P)."""
+    u = ulysses or world_size
+    first = rank - rank % u
+    return list(range(first, first + u))
+
+
+def kv_peers(rank: int, world_size: int, ulysses: int) -> list[int]:
+    """The ranks holding ``rank``'s heads for every super-chunk, in sequence order."""
+    u = ulysses or world_size
+    return list(range(rank % u, world_size, u))
+
+
+def _all_to_all(x: Tensor, group: str, kind: str = "all_to_all", peers: list[int] | None = None) -> Tensor:
+    """all_to_all over dim 0 of a contiguous tensor whose dim 0 is the world size, or the number of
+    ``peers`` (x[i] goes to peers[i], out[i] comes from it; nothing is sent to other ranks)."""
     pg = resolve_group(group)
     x = x.contiguous()
     check_device(x, pg, kind)
     out = torch.empty_like(x)  # contiguous too: backends write the buffer in rank-major order
-    count(kind, x)
-    dist.all_to_all_single(out, x, group=pg)
+    size = dist.get_world_size(pg)
+    n = size if peers is None else len(peers)
+    count(kind, x, x.numel() * x.element_size() * (n - 1) / n)  # x[i] for each peer, one of them itself
+    if peers is None or len(peers) == size:
+        dist.all_to_all_single(out, x, group=pg)
+    else:
+        splits = [0] * size
+        for p in peers:
+            splits[p] = 1
+        dist.all_to_all_single(out, x, output_split_sizes=splits, input_split_sizes=splits, group=pg)
     return out
 
 
 @torch.library.custom_op("autosp::seq_to_head", mutates_args=())
-def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: int) -> Tensor:
-    """[.., H, .., S/P, ..] -> [.., ceil(H/P), .., S, ..]: gather the sequence, scatter the heads.
+def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: int, ulysses: int = 0) -> Tensor:
+    """[.., H, .., S/P, ..] -> [.., ceil(H/U), .., U*S/P, ..]: gather the sequence of this rank's
+    Ulysses block (U = ``ulysses``, default the world size: the whole sequence), scatter the heads.
 
-    Heads are padded with zeros up to a multiple of the world size (attention is independent per
-    head, so zero heads never touch real ones; head_to_seq drops them again).
+    Heads are padded with zeros up to a multiple of U (attention is independent per head, so zero
+    heads never touch real ones; head_to_seq drops them again).
     """
+    u = ulysses or world_size
     canon = x.movedim((head_dim, seq_dim), (0, 1))
     heads, local_len = canon.shape[0], canon.shape[1]
-    per_rank = -(-heads // world_size)
-    if per_rank * world_size != heads:
-        pad = canon.new_zeros((per_rank * world_size - heads, *canon.shape[1:]))
+    per_rank = -(-heads // u)
+    if per_rank * u != heads:
+        pad = canon.new_zeros((per_rank * u - heads, *canon.shape[1:]))
         canon = torch.cat([canon, pad], 0)
-    chunks = canon.reshape(world_size, per_rank, *canon.shape[1:])
-    received = _all_to_all(chunks, group)  # [source rank, heads, S/P, ...]
-    gathered = received.transpose(0, 1).reshape(per_rank, world_size * local_len, *canon.shape[2:])
+    chunks = canon.reshape(u, per_rank, *canon.shape[1:])
+    peers = ulysses_peers(_rank(group), world_size, u)
+    received = _all_to_all(chunks, group, peers=peers)  # [source rank, heads, S/P, ...]
+    gathered = received.transpose(0, 1).reshape(per_rank, u * local_len, *canon.shape[2:])
     return gathered.movedim((0, 1), (head_dim, seq_dim)).contiguous()
 
 
 @seq_to_head.register_fake
-def _(x, seq_dim, head_dim, group, world_size):
+def _(x, seq_dim, head_dim, group, world_size, ulysses=0):
+    u = ulysses or world_size
     shape = list(x.shape)
-    shape[head_dim] = -(-shape[head_dim] // world_size)
-    shape[seq_dim] = shape[seq_dim] * world_size
+    shape[head_dim] = -(-shape[head_dim] // u)
+    shape[seq_dim] = shape[seq_dim] * u
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("autosp::head_to_seq", mutates_args=())
 def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: str,
-                world_size: int) -> Tensor:
-    """Inverse of seq_to_head: [.., ceil(H/P), .., S, ..] -> [.., H, .., S/P, ..]."""
+                world_size: int, ulysses: int = 0) -> Tensor:
+    """Inverse of seq_to_head: [.., ceil(H/U), .., U*S/P, ..] -> [.., H, .., S/P, ..]."""
+    u = ulysses or world_size
     canon = x.movedim((head_dim, seq_dim), (0, 1))
-    per_rank, full_len = canon.shape[0], canon.shape[1]
-    local_len = full_len // world_size
-    chunks = canon.reshape(per_rank, world_size, local_len, *canon.shape[2:]).transpose(0, 1)
-    received = _all_to_all(chunks, group)  # [source rank, its heads, my S/P, ...]
-    heads = received.reshape(world_size * per_rank, local_len, *canon.shape[2:])[:num_heads]
+    per_rank, block_len = canon.shape[0], canon.shape[1]
+    local_len = block_len // u
+    chunks = canon.reshape(per_rank, u, local_len, *canon.shape[2:]).transpose(0, 1)
+    peers = ulysses_peers(_rank(group), world_size, u)
+    received = _all_to_all(chunks, group, peers=peers)  # [source rank, its heads, my S/P, ...]
+    heads = received.reshape(u * per_rank, local_len, *canon.shape[2:])[:num_heads]
     return heads.movedim((0, 1), (head_dim, seq_dim)).contiguous()
 
 
 @head_to_seq.register_fake
-def _(x, seq_dim, head_dim, num_heads, group, world_size):
+def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
+    u = ulysses or world_size
     shape = list(x.shape)
     shape[head_dim] = num_heads
-    shape[seq_dim] = shape[seq_dim] // world_size
+    shape[seq_dim] = shape[seq_dim] // u
     return x.new_empty(shape)
 
 
 def _s2h_setup(ctx, inputs, output):
-    x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size = inputs
+    x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, *rest = inputs
+    ctx.ulysses = rest[0] if rest else 0
     ctx.num_heads = x.shape[ctx.head_dim]
 
 
 def _s2h_backward(ctx, grad):
-    return (head_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.group, ctx.world_size),
-            None, None, None, None)
+    return (head_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.group, ctx.world_size, ctx.ulysses),
+            None, None, None, None, None)
 
 
 def _h2s_setup(ctx, inputs, output):
-    _, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size = inputs
+    _, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size, *rest = inputs
+    ctx.ulysses = rest[0] if rest else 0
 
 
 def _h2s_backward(ctx, grad):
-    full = seq_to_head(grad, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size)
-    return full, None, None, None, None, None
+    full = seq_to_head(grad, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses)
+    return full, None, None, None, None, None, None
 
 
 seq_to_head.register_autograd(_s2h_backward, setup_context=_s2h_setup)
 head_to_seq.register_autograd(_h2s_backward, setup_context=_h2s_setup)
+
+
+# --- gather_kv: this block's keys/values -> every block's (P = U x R); backward: reduce-scatter ----
+
+@torch.library.custom_op("autosp::gather_kv", mutates_args=())
+def gather_kv(x: Tensor, seq_dim: int, group: str, world_size: int, ulysses: int) -> Tensor:
+    """[.., U*S/P, ..] of this rank's heads -> [.., S_padded, ..]: the super-chunks of the R kv peers
+    in sequence order (every rank's keys and values for its heads, the whole padded sequence)."""
+    peers = kv_peers(_rank(group), world_size, ulysses)
+    canon = x.movedim(seq_dim, 0)
+    copies = canon.unsqueeze(0).expand(len(peers), *canon.shape)
+    received = _all_to_all(copies, group, "all_gather", peers=peers)  # [peer, U*S/P, ...]
+    whole = received.reshape(len(peers) * canon.shape[0], *canon.shape[1:])
+    return whole.movedim(0, seq_dim).contiguous()
+
+
+@gather_kv.register_fake
+def _(x, seq_dim, group, world_size, ulysses):
+    shape = list(x.shape)
+    shape[seq_dim] = shape[seq_dim] * (world_size // ulysses)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::scatter_kv_grad", mutates_args=())
+def scatter_kv_grad(grad: Tensor, seq_dim: int, group: str, world_size: int, ulysses: int) -> Tensor:
+    """Backward of gather_kv: each peer's super-chunk of the gradient sent to it, the received
+    gradients of this rank's super-chunk summed."""
+    peers = kv_peers(_rank(group), world_size, ulysses)
+    canon = grad.movedim(seq_dim, 0)
+    chunks = canon.reshape(len(peers), canon.shape[0] // len(peers), *canon.shape[1:])
+    received = _all_to_all(chunks, group, "reduce_scatter", peers=peers)
+    return received.sum(0).movedim(0, seq_dim).contiguous()
+
+
+@scatter_kv_grad.register_fake
+def _(grad, seq_dim, group, world_size, ulysses):
+    shape = list(grad.shape)
+    shape[seq_dim] = shape[seq_dim] // (world_size // ulysses)
+    return grad.new_empty(shape)
+
+
+def _gather_kv_setup(ctx, inputs, output):
+    _, ctx.seq_dim, ctx.group, ctx.world_size, ctx.ulysses = inputs
+
+
+def _gather_kv_backward(ctx, grad):
+    return scatter_kv_grad(grad, ctx.seq_dim, ctx.group, ctx.world_size, ctx.ulysses), None, None, None, None
+
+
+gather_kv.register_autograd(_gather_kv_backward, setup_context=_gather_kv_setup)
 
 
 # --- group_sum: the loss reduction ----------------------------------------------------------------
@@ -209,7 +296,8 @@ def group_sum(x: Tensor, group: str) -> Tensor:
     pg = resolve_group(group)
     out = x.clone()
     check_device(out, pg, "group_sum")
-    count("all_reduce", out)
+    size = dist.get_world_size(pg)
+    count("all_reduce", out, out.numel() * out.element_size() * 2 * (size - 1) / size)  # ring all-reduce
     dist.all_reduce(out, group=pg)
     return out
 
@@ -236,7 +324,7 @@ def gather(x: Tensor, dim: int, length: int, group: str, world_size: int) -> Ten
     chunk = x.contiguous()
     check_device(chunk, pg, "gather")
     parts = [torch.empty_like(chunk) for _ in range(world_size)]
-    count("all_gather", chunk)
+    count("all_gather", chunk, chunk.numel() * chunk.element_size() * (world_size - 1))
     dist.all_gather(parts, chunk, group=pg)
     return torch.cat(parts, dim).narrow(dim, 0, length).clone()
 

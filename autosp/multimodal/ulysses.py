@@ -175,7 +175,8 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
     else:
         out = torch.ops.autosp.masked_attention(
             q, k, v, leaves, program or program_of([], []), layout.length,
-            scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS)[0]
+            scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,
+            "", 0)[0]
     return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from autosp.collectives import kv_repeats
+from autosp.collectives import kv_repeats, sp_degrees
 from autosp.errors import AutoSPError
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
@@ -34,71 +34,104 @@ from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_val
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
 MASKED = torch.ops.autosp.masked_attention.default
+GATHER_KV = torch.ops.autosp.gather_kv.default
 
 
 def attention(ctx) -> None:
-    P, g = ctx.world_size, ctx.graph
+    g = ctx.graph
     for node in list(g.nodes):
         if node.meta.get(RULE) != "sdpa":
             continue
-        q, k, v = (call_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
-        nd = example_value(q).dim()
-        seq_dim, head_dim = nd - 2, nd - 3
-        q_heads, kv_heads = int(example_value(q).shape[head_dim]), int(example_value(k).shape[head_dim])
-        if q_heads < P:
-            raise AutoSPError(f"attention {node.name} has {q_heads} query heads, fewer than the "
-                              f"{P} ranks of the sequence-parallel group\n  at {source_line(node)}")
-        gqa = bool(call_arg(node, 7, "enable_gqa", False))
-        peeled = [_unrepeated(t, head_dim) for t in (k, v)]
-        if not gqa and peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]:
-            (k, rep), (v, _) = peeled  # move the distinct kv heads; attention groups the query heads
-            kv_heads, gqa = kv_heads // rep, True
-            ctx.counters["kv_repeat_moved_after"] += 1
-        repeats, gqa = kv_repeats(q_heads, kv_heads, P, gqa)
-        mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))
-        mask_value = example_value(mask) if mask is not None else None
-        if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
-            raise AutoSPError(f"attention {node.name} has a per-head mask {tuple(mask_value.shape)}: "
-                              f"not supported yet\n  at {source_line(node)}")
-        dropout = call_arg(node, 4, "dropout_p", 0.0)
-        with g.inserting_before(node):
-            if repeats > 1:
-                k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
-                ctx.counters["kv_repeat"] += 1
-            q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P)) for t in (q, k, v))
-            for t in (q2, k2, v2):  # messages about the all-to-alls point at the attention call
-                t.meta["stack_trace"] = node.meta.get("stack_trace")
-            stands_for(q2, q)
-            if repeats == 1:  # repeated kv heads hold no single-device value
-                stands_for(k2, k), stands_for(v2, v)
-            factored = None if (mask is None and is_causal) else _factor(ctx, node, mask, dropout)
-            if factored is not None:
-                scale, q_in = call_arg(node, 6, "scale"), q2
-                if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
-                    q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
-                scale = scale or default_scale(int(example_value(q).shape[-1]))
-                both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
-                                                ctx.seq.node, float(scale), gqa, ctx.block_elements))
-                attn = g.call_function(operator.getitem, (both, 0))
-                ctx.counters["masked_attention"] += 1
-            else:
-                mask = _padded_mask(ctx, mask)
-                kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                              scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
-                attn = g.call_function(node.target, (q2, k2, v2), kwargs)
-            out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P))
-            stands_for(attn, node), stands_for(out, node)
-        ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        ctx.counters["all_to_all"] += 4
-        ctx.counters["attention"] += 1
+        _rewrite(ctx, node)
     for node in reversed(list(g.nodes)):  # [S, S] mask values and kv repeats no attention reads any more
         if node.meta.get(_REPEAT) and not node.users:
             g.erase_node(node)
         elif node in ctx.mask_region and not node.users:
             g.erase_node(node)
             ctx.counters["mask_nodes_removed"] += 1
+
+
+def _degrees(ctx, node, q_heads: int, kv_heads: int) -> tuple[int, int]:
+    """(U, R) for this attention: Ulysses over U ranks, keys and values gathered over R."""
+    try:
+        U, R = sp_degrees(q_heads, ctx.world_size, ctx.ulysses, kv_heads)
+    except ValueError as exc:
+        raise AutoSPError(f"attention {node.name}: {exc}\n  at {source_line(node)}") from None
+    if R > 1:
+        ctx.counters["kv_gathered"] += 1
+        if ctx.ulysses is None and ctx.counters["kv_gathered"] == 1:  # said once per graph
+            warnings.warn(f"autosp: attention {node.name} has {q_heads} query heads for {ctx.world_size} ranks: "
+                          f"Ulysses over blocks of {U} ranks, keys and values gathered over {R} blocks "
+                          f"(SPConfig(ulysses=...) fixes it)\n  at {source_line(node)}", stacklevel=4)
+    return U, R
+
+
+def _rewrite(ctx, node) -> None:
+    P, g = ctx.world_size, ctx.graph
+    q, k, v = (call_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    nd = example_value(q).dim()
+    seq_dim, head_dim = nd - 2, nd - 3
+    q_heads, kv_heads = int(example_value(q).shape[head_dim]), int(example_value(k).shape[head_dim])
+    gqa = bool(call_arg(node, 7, "enable_gqa", False))
+    peeled = [_unrepeated(t, head_dim) for t in (k, v)]
+    if not gqa and peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]:
+        (k, rep), (v, _) = peeled  # move the distinct kv heads; attention groups the query heads
+        kv_heads, gqa = kv_heads // rep, True
+        ctx.counters["kv_repeat_moved_after"] += 1
+    U, R = _degrees(ctx, node, q_heads, kv_heads if gqa else q_heads)
+    repeats, gqa = kv_repeats(q_heads, kv_heads, U, gqa)
+    mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))
+    mask_value = example_value(mask) if mask is not None else None
+    if isinstance(mask_value, torch.Tensor) and mask_value.dim() >= 3 and mask_value.shape[-3] != 1:
+        raise AutoSPError(f"attention {node.name} has a per-head mask {tuple(mask_value.shape)}: "
+                          f"not supported yet\n  at {source_line(node)}")
+    dropout = call_arg(node, 4, "dropout_p", 0.0)
+    block = (U,) if R > 1 else ()  # the all-to-alls' Ulysses degree, when it is not the whole group
+    with g.inserting_before(node):
+        if repeats > 1:
+            k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
+            ctx.counters["kv_repeat"] += 1
+        q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P, *block)) for t in (q, k, v))
+        for t in (q2, k2, v2):  # messages about the all-to-alls point at the attention call
+            t.meta["stack_trace"] = node.meta.get("stack_trace")
+        if R == 1:  # one block's heads over the whole sequence; with R > 1 nothing one device holds
+            stands_for(q2, q)
+            if repeats == 1:  # repeated kv heads hold no single-device value
+                stands_for(k2, k), stands_for(v2, v)
+        else:
+            k2, v2 = (g.call_function(GATHER_KV, (t, seq_dim, ctx.group, P, U)) for t in (k2, v2))
+            ctx.counters["all_gather"] += 2
+        factored = None if (mask is None and is_causal and R == 1) else _factor(ctx, node, mask, dropout, R)
+        if factored is None and R > 1:
+            raise AutoSPError(f"attention {node.name}: its mask ({mask!r}) cannot be given per block of "
+                              f"query rows, which keys and values gathered over {R} blocks need\n  at "
+                              f"{source_line(node)}")
+        if factored is not None:
+            scale, q_in = call_arg(node, 6, "scale"), q2
+            if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
+                q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
+            scale = scale or default_scale(int(example_value(q).shape[-1]))
+            if R > 1 and is_causal:
+                factored = masks.causal()
+            rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
+            both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
+                                            ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows))
+            attn = g.call_function(operator.getitem, (both, 0))
+            ctx.counters["masked_attention"] += 1
+        else:
+            mask = _padded_mask(ctx, mask)
+            kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                          scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
+            attn = g.call_function(node.target, (q2, k2, v2), kwargs)
+        out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P, *block))
+        if R == 1:
+            stands_for(attn, node)
+        stands_for(out, node)
+    ctx.set_layout(out, SeqLayout(SHARDED, seq_dim, 1, ctx.seq.symbol))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    ctx.counters["all_to_all"] += 4
+    ctx.counters["attention"] += 1
 
 
 _REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
@@ -144,11 +177,17 @@ def _unrepeated(node, head_dim: int):
     return src, n
 
 
-def _factor(ctx, node, mask, dropout):
+def _factor(ctx, node, mask, dropout, kv_blocks: int = 1):
     """The mask of ``node`` as O(S) data where it can be (None: torch's attention with the whole
-    mask, for dropout); a value held whole on every rank is said in a warning."""
+    mask, for dropout); a value held whole on every rank is said in a warning. With keys and
+    values gathered over blocks (``kv_blocks`` > 1) only the blockwise op can attend this rank's
+    queries: dropout is refused there."""
     if mask is not None and not isinstance(mask, fx.Node):
         return None
+    if dropout and kv_blocks > 1:
+        raise AutoSPError(f"attention {node.name} has dropout {dropout} with keys and values gathered over "
+                          f"{kv_blocks} blocks (fewer query heads than ranks): not supported; set dropout to 0 "
+                          f"or use at most as many ranks as query heads\n  at {source_line(node)}")
     if dropout:  # the blockwise op draws no dropout: keep torch's attention and the whole mask
         whole = {mask: f"attention dropout {dropout}"}
         factored = None

@@ -22,6 +22,7 @@ class PassContext:
     counters: Counter = field(default_factory=Counter)
     output_layouts: dict[int, SeqLayout] = field(default_factory=dict)
     block_elements: int = DEFAULT_BLOCK_ELEMENTS  # working memory of autosp::masked_attention
+    ulysses: int | None = None  # Ulysses degree U fixed by the user (None: the attention pass picks)
     mask_region: set = field(default_factory=set)  # [S, S] mask nodes replaced by O(S) leaves
     _sizes: dict = field(default_factory=dict)
 

@@ -68,6 +68,14 @@ class FactoredMask:
 NO_MASK = FactoredMask([], program_of([], []), [])
 
 
+def causal() -> FactoredMask:
+    """``is_causal`` as a program: query position >= key position (for queries that do not start
+    at position 0, where torch's ``is_causal`` would align the wrong corner)."""
+    program = ProgramBuilder([])
+    program.emit("ge", [program.positions("rows"), program.positions("cols")])
+    return FactoredMask([], program.program(), [])
+
+
 class NotFactorable(Exception):
     pass
 

@@ -21,24 +21,29 @@ def _baseline_backend(rank_data: list):
     return None, "eager"
 
 
+def _handed(counts: dict) -> int:
+    """Bytes handed to collectives, every kind."""
+    return sum(v for k, v in counts.items() if k.endswith("_bytes") and k != "sent_bytes")
+
+
 def _collectives(spec, ref_data, rank_data):
     minimum = ulysses_minimum(ref_data.get("sdpa", []), ref_data.get("loss_bytes"), spec.world_size)
-    out = {"minimum": {"all_to_all": minimum["all_to_all"], "all_reduce": minimum["all_reduce"],
+    out = {"minimum": {**{k: v for k, v in minimum.items() if not k.endswith("_bytes")},
                        "bytes_sent": bytes_sent(minimum, spec.world_size),
-                       "bytes_handed": minimum["all_to_all_bytes"] + minimum["all_reduce_bytes"]},
+                       "bytes_handed": _handed(minimum)},
            "per_rank": None, "measured": None, "at_minimum": None}
     counts = [d.get("collectives") for d in rank_data]
     if counts and all(c is not None for c in counts):
         per_rank = []
         for c in counts:
             kinds = {k: v for k, v in c.items() if not k.endswith("_bytes")}
-            handed = sum(v for k, v in c.items() if k.endswith("_bytes"))
+            handed = _handed(c)
             per_rank.append({**kinds, "bytes_sent": bytes_sent(c, spec.world_size), "bytes_handed": handed})
         out["per_rank"] = per_rank
         worst = max(per_rank, key=lambda r: r["bytes_sent"])
         out["measured"] = worst
-        out["at_minimum"] = (worst.get("all_to_all", 0) == minimum["all_to_all"]
-                             and worst.get("all_reduce", 0) == minimum["all_reduce"]
+        kinds = {k for k in minimum if not k.endswith("_bytes")} | {k for k in worst if k not in ("bytes_sent", "bytes_handed")}
+        out["at_minimum"] = (all(worst.get(k, 0) == minimum.get(k, 0) for k in kinds)
                              and worst["bytes_handed"] <= out["minimum"]["bytes_handed"])
     return out
 

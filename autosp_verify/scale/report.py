@@ -118,7 +118,7 @@ def _right(ax, results: list, budget: int) -> None:
     if base:
         ranks = sorted({r.scenario.ranks for r in results})
         ax.loglog(ranks, [base[0].tokens * p for p in ranks], "k:", label="P x (autosp P=1)")
-    ax.set_xlabel("ranks (SP x DP; autosp beyond the head count: SP = heads, DP = the rest)")
+    ax.set_xlabel("ranks (SP x DP as given; past the head count SP = Ulysses x gathered-kv blocks)")
     ax.set_ylabel(f"longest S within {gib(budget)} GiB per rank")
     ax.legend(fontsize="x-small")
 

@@ -61,7 +61,15 @@ def _group_norm(h):
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
           "roll": _roll}
-POSITIONAL = {"sdpa": _sdpa}
+def _sdpa_dropout(h):
+    """Attention with dropout: fine under Ulysses, refused once keys and values are gathered."""
+    b, s, _ = h.shape
+    q = h.view(b, s, HEADS, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, q, q, is_causal=True, dropout_p=0.1)
+    return out.transpose(1, 2).reshape(b, s, -1)
+
+
+POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout}
 
 
 class MixingLM(nn.Module):

@@ -54,7 +54,7 @@ def _capture(fn, *inputs):
 def _attention(q, k, v, factored, values, block_elements, length=S):
     leaves = [values[leaf] for leaf in factored.leaves]
     return masked_attention(q, k, v, leaves, factored.program, length,
-                            D ** -0.5, q.shape[1] != k.shape[1], block_elements)[0]
+                            D ** -0.5, q.shape[1] != k.shape[1], block_elements, "", 0)[0]
 
 
 def _qkv(kv_heads=H, rows=S):

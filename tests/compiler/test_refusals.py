@@ -32,9 +32,12 @@ def test_attention_model_compiles():
     _compile_for("sdpa", 2)
 
 
-def test_fewer_query_heads_than_ranks_is_refused_with_the_counts():
-    with pytest.raises(autosp.AutoSPError, match="4 query heads, fewer than the 8 ranks"):
-        _compile_for("sdpa", 8)
+def test_attention_dropout_past_the_head_count_is_refused_with_the_way_out():
+    """4 query heads over 8 ranks gathers keys and values over 2 blocks, where only the blockwise
+    op can attend a rank's queries, and it draws no dropout (under 4 ranks: plain Ulysses)."""
+    _compile_for("sdpa_dropout", 4)
+    with pytest.raises(autosp.AutoSPError, match="dropout 0.1 with keys and values gathered over 2 blocks"):
+        _compile_for("sdpa_dropout", 8)
 
 
 class _UnrelatedLengths(torch.nn.Module):

@@ -45,7 +45,7 @@ def _run(batch, heads, kv_heads, seq_len, head_dim, dtype, block, gqa):
     args = dict(q=q, k=k, v=v, leaves=leaves, program=program, length=seq_len, scale=head_dim ** -0.5,
                 enable_gqa=gqa, block_elements=block)
     with one_thread(), PeakMemory() as peak:
-        out, lse = torch.ops.autosp.masked_attention(q, k, v, leaves, program, seq_len, head_dim ** -0.5, gqa, block)
+        out, lse = torch.ops.autosp.masked_attention(q, k, v, leaves, program, seq_len, head_dim ** -0.5, gqa, block, "", 0)
     forward = peak.bytes - _bytes(out, lse)
     grad = torch.randn_like(out)
     with one_thread(), PeakMemory() as peak:

@@ -6,7 +6,7 @@ would. Loaded by path: the broken passes register themselves on import.
 """
 
 
-from autosp.passes.attention import H2S, S2H
+from autosp.passes.attention import GATHER_KV, H2S, MASKED, S2H
 from autosp.passes.layout import example_value
 from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
 from autosp_verify.impls import autosp_impl
@@ -32,7 +32,26 @@ def _all_to_all_on_head_size(ctx):
             node.args = (x, seq_dim, query.dim() - 1, int(query.shape[-1]), group, world)
 
 
+def _rows_from_zero(ctx):
+    """The bug (past the head count): the blockwise attention told nothing of where this rank's
+    queries start, so every block's queries are masked as if they were the first positions."""
+    for node in list(ctx.graph.nodes):
+        if node.target is MASKED and node.args[9]:
+            node.args = node.args[:9] + ("", 0)
+
+
+def _kv_gather_without_grad(ctx):
+    """The bug (past the head count): keys and values gathered without autograd, so no gradient
+    flows back to the other blocks' keys and values."""
+    for node in list(ctx.graph.nodes):
+        if node.target is GATHER_KV:
+            with ctx.graph.inserting_before(node):
+                node.replace_input_with(node.args[0], ctx.graph.call_method("detach", (node.args[0],)))
+
+
 PASSES["broken_detach_a2a"] = _detach_attention_inputs
+PASSES["broken_rows_from_zero"] = _rows_from_zero
+PASSES["broken_kv_gather_grad"] = _kv_gather_without_grad
 PASSES["broken_a2a_dims"] = _all_to_all_on_head_size
 
 
@@ -43,4 +62,6 @@ def _pipeline(extra=None, drop=None):
 per_rank_loss = autosp_impl("eager", passes=_pipeline(drop="loss"))  # the loss stays each rank's own mean
 detached_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_detach_a2a"))
 head_size_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_a2a_dims"))
+rows_from_zero = autosp_impl("eager", passes=_pipeline(extra="broken_rows_from_zero"))
+kv_gather_without_grad = autosp_impl("eager", passes=_pipeline(extra="broken_kv_gather_grad"))
 correct = autosp_impl("eager")

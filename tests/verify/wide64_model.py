@@ -4,7 +4,8 @@ compile dominates a fake run, and its cost grows with the layers), so a case tak
 
 ``model_fn``: multi-head attention (64 key/value heads). ``gqa_model_fn``: grouped-query
 attention with 8 key/value heads (SDPA ``enable_gqa``): at P=64 every rank holds the one kv head
-of its query head, replicated across the 8 ranks of its group.
+of its query head, replicated across the 8 ranks of its group. ``heads32_model_fn``: 32 query
+heads of width 4 and 8 kv heads: at P=64, past the head count (Ulysses over 32, kv gathered over 2).
 """
 import torch
 import torch.nn.functional as F
@@ -15,26 +16,26 @@ HIDDEN = HEADS * HEAD_DIM
 
 
 class Attention(nn.Module):
-    def __init__(self, kv_heads):
+    def __init__(self, kv_heads, heads=HEADS):
         super().__init__()
-        self.kv_heads = kv_heads
+        self.kv_heads, self.heads, self.head_dim = kv_heads, heads, HIDDEN // heads
         self.q = nn.Linear(HIDDEN, HIDDEN)
-        self.kv = nn.Linear(HIDDEN, 2 * kv_heads * HEAD_DIM)
+        self.kv = nn.Linear(HIDDEN, 2 * kv_heads * self.head_dim)
         self.out = nn.Linear(HIDDEN, HIDDEN)
 
     def forward(self, x):
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
-        k, v = self.kv(x).view(b, s, 2, self.kv_heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != HEADS)
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return self.out(o.transpose(1, 2).reshape(b, s, HIDDEN))
 
 
 class Block(nn.Module):
-    def __init__(self, kv_heads):
+    def __init__(self, kv_heads, heads=HEADS):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
-        self.attn = Attention(kv_heads)
+        self.attn = Attention(kv_heads, heads)
         self.mlp = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN))
 
     def forward(self, x):
@@ -43,11 +44,11 @@ class Block(nn.Module):
 
 
 class WideLM(nn.Module):
-    def __init__(self, kv_heads=HEADS):
+    def __init__(self, kv_heads=HEADS, heads=HEADS):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.pos = nn.Embedding(MAX_POS, HIDDEN)
-        self.blocks = nn.ModuleList(Block(kv_heads) for _ in range(LAYERS))
+        self.blocks = nn.ModuleList(Block(kv_heads, heads) for _ in range(LAYERS))
         self.norm = nn.LayerNorm(HIDDEN)
         self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
 
@@ -69,6 +70,10 @@ def model_fn():
 
 def gqa_model_fn():
     return WideLM(kv_heads=8)
+
+
+def heads32_model_fn():
+    return WideLM(kv_heads=8, heads=32)
 
 
 def inputs_fn(batch, seq_len, generator):
