@@ -50,7 +50,7 @@ def _run(batch, heads, kv_heads, seq_len, head_dim, dtype, block, gqa):
     grad = torch.randn_like(out)
     with one_thread(), PeakMemory() as peak:
         grads = torch.ops.autosp.masked_attention_backward(grad, q, k, v, out, lse, leaves, program, seq_len,
-                                                           head_dim ** -0.5, gqa, block)
+                                                           head_dim ** -0.5, gqa, block, "", 0)
     backward = peak.bytes - _bytes(*grads)
     return forward, backward, _meta({**args, "grad": grad, "out": out, "lse": lse})
 
