@@ -28,12 +28,13 @@ What differs from a DeepSpeed training job, and why:
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 
 import torch
 import torch.distributed as dist
+
+from autosp_verify.deepspeed_impl import DeepSpeedRefused, _import_deepspeed
 
 # ALST's loss recipe uses it (its own test does); torch 2.13 deprecates it
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
@@ -42,13 +43,11 @@ _LOCAL = threading.local()  # .wrapper: this thread's ALST attention while its s
 _ACTIVE: dict[str, list] = {}  # attn implementation -> [steps routing it now, the entry it replaced]
 
 
-class ALSTRefused(Exception):
-    autosp_unsupported = True
+ALSTRefused = DeepSpeedRefused
 
 
 def _ulysses_sp():
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences the accelerator probe warning
+    _import_deepspeed()  # the accelerator set before deepspeed is imported
     from deepspeed.runtime.sequence_parallel import ulysses_sp
     return ulysses_sp
 

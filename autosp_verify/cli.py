@@ -203,9 +203,9 @@ def run(config: Config, out=None) -> int:
                 spec = CaseSpec(config.model, config.impl, world_size, seq_len, config.batch, config.dtype, config.seed,
                                 steps=config.steps)
                 label, start = f"P={world_size} S={seq_len}", time.monotonic()
-                with progress.case(label):
+                with progress.case(label) as phase:
                     cases.append(run_case(spec, None, config.simulator, config.timeout, config.rtol, config.atol,
-                                          memory=config.memory, compile_time=config.compile_time))
+                                          memory=config.memory, compile_time=config.compile_time, phase=phase))
                 progress.finished(label, cases[-1].status, time.monotonic() - start)
     except (ModelFileError, ImplUnavailable, ValueError) as exc:
         print(f"autosp-verify: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Progress of a verifier run, on stderr (stdout keeps the table and the verdict).
 
-On a terminal: a live status line for the case running (which of how many, elapsed time; rich's
-spinner, rewritten in place) and a line per case as it finishes. Off a terminal (CI logs): only
+On a terminal: a live status line for the case running (which of how many, what it is doing:
+the one-device reference, compiling and running P ranks, comparing, locating the divergence,
+accounting; elapsed time; rich's spinner, rewritten in place) and a line per case as it finishes. Off a terminal (CI logs): only
 the line per case as it finishes, nothing that rewrites lines. ``quiet``: neither.
 """
 from __future__ import annotations
@@ -22,15 +23,17 @@ class Progress:
 
     @contextlib.contextmanager
     def case(self, label: str):
-        """Around one case: a live status line with the elapsed time while it runs (terminal only)."""
+        """Around one case: yields ``phase(text)``, which says what the case is doing now. A live
+        status line with it and the elapsed time while the case runs (terminal only)."""
         if not self.live:
-            yield
+            yield lambda text: None
             return
         from rich.progress import Progress as Live, SpinnerColumn, TextColumn, TimeElapsedColumn
         with Live(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self._console,
                   transient=True) as live:
-            live.add_task(f"case {self.done + 1}/{self.total} {label}: running", total=None)
-            yield
+            prefix = f"case {self.done + 1}/{self.total} {label}: "
+            task = live.add_task(prefix + "starting", total=None)
+            yield lambda text: live.update(task, description=prefix + text, refresh=True)  # each phase shown
 
     def finished(self, label: str, status: str, seconds: float) -> None:
         self.done += 1

@@ -76,6 +76,10 @@ class Case:
     timeout: float
     ref: object = None
     later: tuple = ()
+    phase: object = None  # phase(text): says what the case is doing (the progress line); None: nobody asks
+
+    def __post_init__(self):
+        self.phase = self.phase or (lambda text: None)
 
     def run(self, spec=None, batch=None, later=()) -> list:
         """The ranks' results for this case, or for ``spec``/``batch`` in its place (reruns)."""
@@ -151,19 +155,21 @@ def process_state_restored():
 
 def run_case(spec: CaseSpec, inputs_fn, simulator: str = "threaded", timeout: float = 120.0,
              rtol: float | None = None, atol: float | None = None, diagnose: bool = True,
-             accounting: bool = True, memory: bool = False, compile_time: bool = False) -> CaseResult:
-    """Run one case (see ``_run_case``); the process's global state is restored after it."""
+             accounting: bool = True, memory: bool = False, compile_time: bool = False,
+             phase=None) -> CaseResult:
+    """Run one case (see ``_run_case``); the process's global state is restored after it.
+    ``phase(text)``, when given, is told what the case is doing as it goes."""
     with process_state_restored():
         try:
             return _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
-                             compile_time)
+                             compile_time, phase)
         except DeadlineExceeded as exc:  # the reference or a warm-up on this thread
             return CaseResult(impl_label(spec.impl), simulator, spec.world_size, spec.seq_len, spec.batch,
                               _dtype_name(spec.dtype), status="error", error=str(exc))
 
 
 def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, accounting, memory,
-              compile_time) -> CaseResult:
+              compile_time, phase=None) -> CaseResult:
     """Run one case. Raises ModelFileError / ImplUnavailable / ValueError for unusable input.
     A failing case is run once more to find its first divergence (``diagnose``). ``accounting``:
     collectives against the Ulysses minimum; ``memory``: also activation memory per rank (runs
@@ -180,13 +186,16 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     model_fn, file_inputs_fn = model_functions(spec.model)
     inputs_fn = inputs_fn or file_inputs_fn
     base, batch = build_case(model_fn, inputs_fn, spec)
-    case = Case(spec, sim, base, batch, inputs_fn, tol, timeout, later=tuple(later_batches(inputs_fn, spec)))
+    case = Case(spec, sim, base, batch, inputs_fn, tol, timeout, later=tuple(later_batches(inputs_fn, spec)),
+                phase=phase)
+    case.phase("the one-device reference")
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
         case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
         later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in case.later]
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
+    case.phase(f"compiling and running {spec.world_size} ranks ({sim.name})")
     try:
         ranks = case.run(later=case.later)
     except SimulationError as exc:
@@ -203,14 +212,17 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         return result
     if accounting:
         from autosp_verify.accounting import account_case
+        case.phase("accounting" + (": the ranks again at S+P" if memory else ""))
         result.accounting = account_case(case, ranks, memory=memory, compile_time=compile_time)
     if sim.structural:
         result.failures = check_structure(case.ref, ranks)
         result.structural_collectives = structural_collectives(ranks)
         result.status = "fail" if result.failures else "structural"
         return result
+    case.phase("comparing with one device")
     cmp = _record_comparison(result, case.ref, later_refs, ranks, tol)
     if not cmp.passed and diagnose:
+        case.phase("locating the first divergence (run again, recording)")
         failing = [c.name for c in cmp.checks if not c.passed]
         result.first_divergence, result.divergence_trace = _diagnose(case, failing)
     return result

@@ -43,7 +43,9 @@ def test_four_heads_are_exact_past_the_head_count(world_size, seq_len):
     assert collectives["measured"]["all_to_all"] == 8 * layers  # Ulysses within the blocks
 
 
-@pytest.mark.parametrize("fixture", ["hf_qwen3_packed.py", "hf_olmo2_padded.py", "hf_bert_mlm.py"])
+@pytest.mark.parametrize("fixture", ["hf_qwen3_packed.py",
+                                     pytest.param("hf_olmo2_padded.py", marks=pytest.mark.slow),
+                                     pytest.param("hf_bert_mlm.py", marks=pytest.mark.slow)])
 def test_masks_pass_the_gathered_keys_as_o_s_data(fixture):
     """Packed documents, padding, bidirectional attention: 8 (BERT: 4) query heads over 16 ranks."""
     r = verify_file(os.path.join(FIXTURES, fixture), world_size=16, seq_len=29, steps=1)

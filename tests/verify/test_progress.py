@@ -53,3 +53,30 @@ def test_explore_reports_each_case_tried_and_the_shrink():
     assert status == 1 and lines, err.getvalue()
     assert lines[0].startswith("explore case 1: P=2 ") and "\x1b" not in err.getvalue()
     assert any("(shrinking;" in l for l in lines) or any("(searching;" in l for l in lines)
+
+
+def test_the_status_line_says_what_the_case_is_doing():
+    """On a terminal the live line names each phase: the reference, the ranks, the comparison, and
+    for a failing case the search for the first divergence."""
+    import io
+
+    from autosp_verify.progress import Progress
+    from autosp_verify.run import verify_file
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    progress = Progress(1, stream=screen)
+    with progress.case("P=2 S=8") as phase:
+        verify_file(os.path.join(HERE, "tiny_model.py"), impl=os.path.join(HERE, "ulysses_impls.py") + ":per_rank_mean",
+                    world_size=2, seq_len=8, steps=1, phase=phase)
+    shown = screen.getvalue()
+    for text in ("the one-device reference", "compiling and running 2 ranks (threaded)", "comparing with one device",
+                 "locating the first divergence"):
+        assert f"case 1/1 P=2 S=8: {text}" in shown, (text, shown[-2000:])
+    silent = io.StringIO()  # a pipe: nothing rewritten, no phases
+    with Progress(1, stream=silent).case("P=2 S=8") as phase:
+        phase("comparing with one device")
+    assert silent.getvalue() == ""
