@@ -43,9 +43,8 @@ def test_four_heads_are_exact_past_the_head_count(world_size, seq_len):
     assert collectives["measured"]["all_to_all"] == 8 * layers  # Ulysses within the blocks
 
 
-@pytest.mark.parametrize("fixture", ["hf_qwen3_packed.py",
-                                     pytest.param("hf_olmo2_padded.py", marks=pytest.mark.slow),
-                                     pytest.param("hf_bert_mlm.py", marks=pytest.mark.slow)])
+@pytest.mark.slow  # in CI the property test draws masked and bidirectional models past the head count
+@pytest.mark.parametrize("fixture", ["hf_qwen3_packed.py", "hf_olmo2_padded.py", "hf_bert_mlm.py"])
 def test_masks_pass_the_gathered_keys_as_o_s_data(fixture):
     """Packed documents, padding, bidirectional attention: 8 (BERT: 4) query heads over 16 ranks."""
     r = verify_file(os.path.join(FIXTURES, fixture), world_size=16, seq_len=29, steps=1)
@@ -90,5 +89,5 @@ def test_p64_on_32_heads_is_structural_with_the_hybrid_collectives():
 @pytest.mark.parametrize("broken", ["rows_from_zero", "kv_gather_without_grad"])
 def test_negative_controls_past_the_head_count_fail(broken):
     """Queries masked as if they started at position 0; keys and values gathered without autograd."""
-    r = verify_file(FEW_HEADS, impl=f"{BROKEN}:{broken}", world_size=8, seq_len=16, steps=1)
+    r = verify_file(FEW_HEADS, impl=f"{BROKEN}:{broken}", world_size=8, seq_len=16, steps=1, diagnose=False)
     assert r.status == "fail", (r.error, r.failures)
