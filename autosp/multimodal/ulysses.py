@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from autosp import collectives
-from autosp.collectives import ChunkLayout, kv_repeats, pad_to
+from autosp.collectives import ChunkLayout, kv_repeats, pad_to, sp_degrees
 from autosp.errors import AutoSPError
 from autosp.masked_attention import (DEFAULT_BLOCK_ELEMENTS, Block, ProgramBuilder, default_scale, evaluate,
                                      program_of)
@@ -152,19 +152,28 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
         warnings.warn(f"{ctx.name}: attention dropout {dropout_p} under sequence parallelism draws other "
                       "random numbers than one device; results are not comparable", stacklevel=3)
     num_heads, kv_heads = query.shape[1], key.shape[1]
+    grouped = enable_gqa or kv_heads != num_heads
+    # past the head count, Ulysses within blocks of U ranks and keys/values gathered over R (the passes' choice)
+    U, R = sp_degrees(num_heads, world, None, kv_heads if grouped else num_heads)
     # grouped kv heads must land on the rank of their query heads: the passes' policy
-    repeats, enable_gqa = kv_repeats(num_heads, kv_heads, world, enable_gqa or kv_heads != num_heads)
+    repeats, enable_gqa = kv_repeats(num_heads, kv_heads, U, grouped)
     if repeats > 1:
         key, value = (t.repeat_interleave(repeats, dim=1) for t in (key, value))
     if (ctx.causal_hint and attn_mask is None and not is_causal and layout.local_len == 1
             and layout.length > 1):
         is_causal = True  # HF decides "causal" from the query length, which is the local one here
     gkey = collectives.group_key(ctx.group)
-    q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world) for t in (query, key, value))
+    block = (U,) if R > 1 else ()
+    q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world, *block) for t in (query, key, value))
+    if R > 1:
+        if dropout_p:
+            raise AutoSPError(f"{ctx.name}: attention dropout {dropout_p} with {num_heads} query heads over "
+                              f"{world} ranks (keys and values gathered over {R} blocks): not supported")
+        k, v = (collectives.gather_kv(t, 2, gkey, world, U) for t in (k, v))
     heads_per_rank = q.shape[1]
     mask = None if attn_mask is None else _rank_mask(attn_mask, layout, heads_per_rank, num_heads)
     padded = layout.padded_len != layout.length
-    if mask is None and ctx.segments is None and not padded:  # torch's kernels, is_causal or not
+    if mask is None and ctx.segments is None and not padded and R == 1:  # torch's kernels, is_causal or not
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                              enable_gqa=enable_gqa)
         return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
@@ -173,11 +182,12 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(leaves, program, layout, q.device),
                                              dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
     else:
+        rows = (gkey, U) if R > 1 else ("", 0)  # where this rank's queries start in the sequence
         out = torch.ops.autosp.masked_attention(
             q, k, v, leaves, program or program_of([], []), layout.length,
             scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,
-            "", 0)[0]
-    return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
+            *rows)[0]
+    return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world, *block)
 
 
 class UlyssesSPViTAttention(nn.Module):

@@ -254,3 +254,15 @@ def test_deepspeed_users_code_meets_its_exceptions():
     projector = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8))
     with pytest.raises(AutoSPError, match="DeepSpeed's signature .* auto_wrap_model_for_sp"):
         fusion.LlavaFusionAdapter(projector, object(), image_token_id=32000)
+
+
+def test_past_the_head_count_the_eager_path_gathers_keys_and_values():
+    """LLaVA's 4-head language model and vision tower over 8 ranks: Ulysses within blocks, keys and
+    values gathered over the blocks, exact, and fewer bytes than padding the heads up to P."""
+    gathers = {}
+    for world_size in (4, 8):  # 4 heads: plain Ulysses at 4 ranks, blocks of Ulysses at 8
+        result = verify_file(fixture("hf_llava"), impl="autosp-wrap", world_size=world_size, seq_len=13, steps=1)
+        assert result.status == "pass", (world_size, result.error, result.failures)
+        gathers[world_size] = result.accounting["collectives"]["measured"]["all_gather"]
+    attention_layers = 4  # 2 in the vision tower, 2 in the language model
+    assert gathers[8] - gathers[4] == 2 * attention_layers  # keys and values, each attention
