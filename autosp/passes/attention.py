@@ -8,6 +8,11 @@ heads the model repeated itself before attention (HF's ``repeat_kv``) are moved 
 and attention groups the query heads instead (``enable_gqa``): the Ulysses minimum in bytes.
 Query heads that P does not divide are padded with zero heads inside the all-to-all.
 
+Past the head count (fewer query heads than ranks, or ``SPConfig(ulysses=U)``), P = U x R: the
+all-to-alls run within blocks of U ranks, ``gather_kv`` gathers keys and values over the R blocks,
+and the blockwise attention below attends this rank's queries from their offset in the sequence
+(``autosp.collectives.sp_degrees`` picks U; docs/usage.md).
+
 The attention itself:
 - ``is_causal`` without a mask: torch's attention, unchanged (padding sits at the end, where
   causal real queries never look);
@@ -101,28 +106,7 @@ def _rewrite(ctx, node) -> None:
         else:
             k2, v2 = (g.call_function(GATHER_KV, (t, seq_dim, ctx.group, P, U)) for t in (k2, v2))
             ctx.counters["all_gather"] += 2
-        factored = None if (mask is None and is_causal and R == 1) else _factor(ctx, node, mask, dropout, R)
-        if factored is None and R > 1:
-            raise AutoSPError(f"attention {node.name}: its mask ({mask!r}) cannot be given per block of "
-                              f"query rows, which keys and values gathered over {R} blocks need\n  at "
-                              f"{source_line(node)}")
-        if factored is not None:
-            scale, q_in = call_arg(node, 6, "scale"), q2
-            if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
-                q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
-            scale = scale or default_scale(int(example_value(q).shape[-1]))
-            if R > 1 and is_causal:
-                factored = masks.causal()
-            rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
-            both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
-                                            ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows))
-            attn = g.call_function(operator.getitem, (both, 0))
-            ctx.counters["masked_attention"] += 1
-        else:
-            mask = _padded_mask(ctx, mask)
-            kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                          scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
-            attn = g.call_function(node.target, (q2, k2, v2), kwargs)
+        attn = _attend(ctx, node, (q, q2, k2, v2), mask, is_causal, dropout, gqa, U, R)
         out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P, *block))
         if R == 1:
             stands_for(attn, node)
@@ -132,6 +116,33 @@ def _rewrite(ctx, node) -> None:
     g.erase_node(node)
     ctx.counters["all_to_all"] += 4
     ctx.counters["attention"] += 1
+
+
+def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R):
+    """The attention of this rank's heads (``q`` as traced, then the all-to-alls' q, k, v): torch's
+    for ``is_causal`` without a mask under plain Ulysses (and, with the whole mask, for dropout),
+    else ``autosp::masked_attention`` over the mask as O(S) data, from this rank's first query."""
+    g, (q, q2, k2, v2) = ctx.graph, qkv
+    factored = None if (mask is None and is_causal and R == 1) else _factor(ctx, node, mask, dropout, R)
+    if factored is None and R > 1:
+        raise AutoSPError(f"attention {node.name}: its mask ({mask!r}) cannot be given per block of "
+                          f"query rows, which keys and values gathered over {R} blocks need\n  at "
+                          f"{source_line(node)}")
+    if factored is None:
+        kwargs = dict(attn_mask=_padded_mask(ctx, mask), dropout_p=dropout, is_causal=is_causal,
+                      scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
+        return g.call_function(node.target, (q2, k2, v2), kwargs)
+    scale, q_in = call_arg(node, 6, "scale"), q2
+    if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
+        q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
+    scale = scale or default_scale(int(example_value(q).shape[-1]))
+    if R > 1 and is_causal:  # torch's is_causal would align the wrong corner for queries not at 0
+        factored = masks.causal()
+    rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
+    both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
+                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows))
+    ctx.counters["masked_attention"] += 1
+    return g.call_function(operator.getitem, (both, 0))
 
 
 _REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
