@@ -92,6 +92,12 @@ def _bytes(n):
         n /= 1000
 
 
+def _kinds(counts: dict) -> str:
+    """all-to-alls/all-reduces, and all-gathers when there are any ("+4ag")."""
+    gathers = counts.get("all_gather", 0)
+    return f"{counts.get('all_to_all', 0)}/{counts.get('all_reduce', 0)}" + (f"+{gathers}ag" if gathers else "")
+
+
 def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
     """a2a/ar (min), sent/rank (min)[, mem/rank (1/P)][, compile s (no SP)]: measured (ideal).
     mem/rank counts every sequence-long saved tensor, [S, S] ones included ("+[S,S]": a rank
@@ -99,8 +105,8 @@ def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
     acc = c.accounting or {}
     coll, mem = acc.get("collectives") or {}, acc.get("memory") or {}
     low, got = coll.get("minimum"), coll.get("measured")
-    kinds = "-" if got is None else f"{got.get('all_to_all', 0)}/{got.get('all_reduce', 0)}"
-    cells = [f"{kinds} ({low['all_to_all']}/{low['all_reduce']})" if low else "-",
+    kinds = "-" if got is None else _kinds(got)
+    cells = [f"{kinds} ({_kinds(low)})" if low else "-",
              f"{'-' if got is None else _bytes(got['bytes_sent'])} ({_bytes(low['bytes_sent'])})" if low else "-"]
     if memory_column:
         squared = " +[S,S]" if mem.get("rank_seq2_bytes") else ""  # a rank holds tensors quadratic in S
