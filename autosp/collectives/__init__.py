@@ -7,17 +7,21 @@ the eager path (``autosp.multimodal``) alike.
   graph runs its backward on CUDA's autograd threads, two models on two groups never share one,
   and one compiled graph serves every rank of a group. Also the per-rank collective counters and
   the device check (a tensor handed to a group that cannot take it is an ``AutoSPError``).
-- ``layout``: how a sequence of S positions is split over P ranks (``ChunkLayout``), and how far
-  key/value heads are repeated so that every rank holds the kv heads of its query heads.
+- ``layout``: how a sequence of S positions is split over P ranks (``ChunkLayout``), how far
+  key/value heads are repeated so that every rank holds the kv heads of its query heads, and past
+  the head count how P splits into Ulysses blocks and gathered kv blocks (``sp_degrees``).
 - ``ops``: the custom ops with autograd (shard, all-to-alls between sequence- and head-sharded,
-  group sum, gather with a reduce-scatter backward) and the eager helpers.
+  within Ulysses blocks too, keys and values gathered over the blocks, group sum, gather with a
+  reduce-scatter backward) and the eager helpers.
 """
 from autosp.collectives.groups import (WORLD, check_device, collective_counts, count, group_key,
                                        reset_collective_counts, resolve_group)
 from autosp.collectives.layout import ChunkLayout, kv_heads_sent, kv_repeats, sp_degrees
-from autosp.collectives.ops import (count_once, gather, gather_chunks, gather_kv, gather_sequence, group_sum, head_to_seq,
-                                    mask_padding, pad_to, seq_to_head, shard, shard_chunk, strip_padding, unshard_grad)
+from autosp.collectives.ops import (count_once, gather, gather_chunks, gather_kv, gather_sequence, group_sum,
+                                    head_to_seq, mask_padding, pad_to, seq_to_head, shard, shard_chunk,
+                                    strip_padding, unshard_grad)
 
 __all__ = ["WORLD", "ChunkLayout", "check_device", "collective_counts", "count", "count_once", "gather",
-           "gather_chunks", "gather_kv", "gather_sequence", "group_key", "group_sum", "head_to_seq", "kv_heads_sent", "kv_repeats", "mask_padding", "pad_to",
-           "reset_collective_counts", "resolve_group", "seq_to_head", "sp_degrees", "shard", "shard_chunk", "strip_padding", "unshard_grad"]
+           "gather_chunks", "gather_kv", "gather_sequence", "group_key", "group_sum", "head_to_seq",
+           "kv_heads_sent", "kv_repeats", "mask_padding", "pad_to", "reset_collective_counts", "resolve_group",
+           "seq_to_head", "shard", "shard_chunk", "sp_degrees", "strip_padding", "unshard_grad"]

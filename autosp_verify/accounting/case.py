@@ -42,7 +42,8 @@ def _collectives(spec, ref_data, rank_data):
         out["per_rank"] = per_rank
         worst = max(per_rank, key=lambda r: r["bytes_sent"])
         out["measured"] = worst
-        kinds = {k for k in minimum if not k.endswith("_bytes")} | {k for k in worst if k not in ("bytes_sent", "bytes_handed")}
+        kinds = {k for k in minimum if not k.endswith("_bytes")}
+        kinds |= {k for k in worst if k not in ("bytes_sent", "bytes_handed")}
         out["at_minimum"] = (all(worst.get(k, 0) == minimum.get(k, 0) for k in kinds)
                              and worst["bytes_handed"] <= out["minimum"]["bytes_handed"])
     return out
