@@ -69,29 +69,51 @@ def table(title: str, header: list, rows: list, notes: list = ()) -> str:
 
 # --- compile time ---------------------------------------------------------------------------------
 
-def bench_compile(quick: bool) -> dict:
-    from autosp_verify.accounting import compile_times
-    from autosp_verify.core import CaseSpec, build_case, model_functions
+COMPILE_MODELS = ("hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3_packed", "hf_olmo2_padded", "hf_llama@4")
 
-    model_fn, inputs_fn = model_functions(FIXTURE)
+
+def _compile_model(name: str):
+    """(path, model_fn, inputs_fn) of a fixture; ``name@N``: its config with N layers."""
+    from autosp_verify.core import model_functions
+    fixture, _, layers = name.partition("@")
+    path = os.path.join(ROOT, "fixtures", f"{fixture}.py")
+    model_fn, inputs_fn = model_functions(path)
+    if layers:
+        def deeper():
+            model = model_fn()
+            return type(model)(type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": int(layers)}))
+        return path, deeper, inputs_fn
+    return path, model_fn, inputs_fn
+
+
+def bench_compile(quick: bool) -> dict:
+    """Compile seconds with and without the passes, per model, interleaved in one process."""
+    from autosp_verify.accounting import compile_times
+    from autosp_verify.core import CaseSpec, build_case
+
     backends = [("autosp", "aot_eager", 1)] if quick else [("autosp", "aot_eager", 3), ("autosp-inductor", "inductor", 1)]
+    models = COMPILE_MODELS[:1] + COMPILE_MODELS[-1:] if quick else COMPILE_MODELS
     P, S, B = 4, 64, 2
-    rows, data = [], []
-    for n, (impl, backend, repeats) in enumerate(backends):
-        spec = CaseSpec(FIXTURE, impl, P, S, B, "float32", 0)
-        base, batch = build_case(model_fn, inputs_fn, spec)
-        if n == 0:  # discarded: the first compile in a process pays one-off imports and initialisation
-            compile_times(spec, base, batch)
-        runs = [compile_times(spec, base, batch) for _ in range(repeats)]
-        w = statistics.median(r["with_passes"] for r in runs)
-        wo = statistics.median(r["without"] for r in runs)
-        wc = statistics.median(r["with_passes_cpu"] for r in runs)
-        woc = statistics.median(r["without_cpu"] for r in runs)
-        data.append({"backend": backend, "with": w, "without": wo, "ratio": w / wo})
-        rows.append([backend, f"{wo:.2f}", f"{w:.2f}", f"{w / wo:.2f}x", f"{woc:.2f} / {wc:.2f}", repeats, loadavg()])
-    text = table(f"Compile time, fixtures/hf_llama.py (2 layers, hidden 32, 8 q / 2 kv heads), P={P}, S={S}, B={B}, "
-                 "float32, caches off",
-                 ["backend", "torch.compile s", "autosp s", "ratio", "cpu s (plain / autosp)", "repeats", "loadavg"],
+    rows, data, warmed = [], [], False
+    for name in models:
+        path, model_fn, inputs_fn = _compile_model(name)
+        for impl, backend, repeats in backends:
+            spec = CaseSpec(path, impl, P, S, B, "float32", 0)
+            base, batch = build_case(model_fn, inputs_fn, spec)
+            if not warmed:  # discarded: the first compile in a process pays one-off imports and initialisation
+                compile_times(spec, base, batch)
+                warmed = True
+            runs = [compile_times(spec, base, batch) for _ in range(repeats)]
+            w = statistics.median(r["with_passes"] for r in runs)
+            wo = statistics.median(r["without"] for r in runs)
+            wc = statistics.median(r["with_passes_cpu"] for r in runs)
+            woc = statistics.median(r["without_cpu"] for r in runs)
+            data.append({"model": name, "backend": backend, "with": w, "without": wo, "ratio": w / wo})
+            rows.append([name, backend, f"{wo:.2f}", f"{w:.2f}", f"{w / wo:.2f}x", f"{woc:.2f} / {wc:.2f}", repeats,
+                         loadavg()])
+    text = table(f"Compile time, HF fixtures (name@N: N layers), P={P}, S={S}, B={B}, float32, caches off",
+                 ["model", "backend", "torch.compile s", "autosp s", "ratio", "cpu s (plain / autosp)", "repeats",
+                  "loadavg"],
                  rows, ["wall seconds, median over repeats; both include Dynamo tracing, AOTAutograd, the backend "
                         "and one forward + backward; autosp adds its passes and runs on a fake group of P ranks",
                         "fresh model copy and fresh backend object each run; fx_graph_cache and autograd cache off; one discarded "
@@ -298,7 +320,7 @@ def write_png(path: str, results: dict) -> None:
             x = range(len(rows))
             ax.bar([i - 0.2 for i in x], [r["without"] for r in rows], 0.4, label="torch.compile")
             ax.bar([i + 0.2 for i in x], [r["with"] for r in rows], 0.4, label="autosp.compile")
-            ax.set_xticks(list(x), [f"{r['backend']}\n{r['ratio']:.2f}x" for r in rows])
+            ax.set_xticks(list(x), [f"{r['model']}\n{r['backend']}\n{r['ratio']:.2f}x" for r in rows], fontsize=6)
             ax.set_ylabel("compile s (fwd+bwd)")
             ax.set_title("Compile time")
             ax.legend(fontsize=8)
