@@ -42,9 +42,9 @@ class SPConfig:
         0 (default): as many as the queries have elements (so it grows linearly in S).
     ulysses: past the head count, P = U x R: Ulysses all-to-alls over blocks of U ranks (heads),
         keys and values gathered over the R blocks (queries stay local). None (default): all
-        Ulysses when every attention has at least P query heads, else the largest U dividing P
-        that the query heads allow (``autosp.collectives.sp_degrees``). An int fixes U; it must
-        divide the group size.
+        Ulysses when an attention has at least P query heads, else the U dividing P (at most the
+        query heads) that sends the fewest bytes (``autosp.collectives.sp_degrees``). An int fixes
+        U; it must divide the group size.
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None

@@ -43,9 +43,6 @@ _LOCAL = threading.local()  # .wrapper: this thread's ALST attention while its s
 _ACTIVE: dict[str, list] = {}  # attn implementation -> [steps routing it now, the entry it replaced]
 
 
-ALSTRefused = DeepSpeedRefused
-
-
 def _ulysses_sp():
     _import_deepspeed()  # the accelerator set before deepspeed is imported
     from deepspeed.runtime.sequence_parallel import ulysses_sp
@@ -75,7 +72,7 @@ def _hf_attention(attn_impl: str):
         if routed is not None:
             return routed[1] or type(ALL_ATTENTION_FUNCTIONS)._global_mapping[attn_impl]
         if attn_impl not in ALL_ATTENTION_FUNCTIONS:
-            raise ALSTRefused(f"alst refused: {attn_impl!r} is not a valid attn_implementation")
+            raise DeepSpeedRefused(f"alst refused: {attn_impl!r} is not a valid attn_implementation")
         return ALL_ATTENTION_FUNCTIONS[attn_impl]
 
 
@@ -119,15 +116,15 @@ def _attention(model, group):
     ulysses_sp = _ulysses_sp()
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
-        raise ALSTRefused("alst refused: ALST wraps HF transformers models (it reads model.config); "
+        raise DeepSpeedRefused("alst refused: ALST wraps HF transformers models (it reads model.config); "
                           f"got a {type(model).__name__}")
     from transformers.loss.loss_utils import ForCausalLMLoss
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
-        raise ALSTRefused(f"alst refused: ALST shifts labels for a causal LM loss; {type(model).__name__}'s loss is "
+        raise DeepSpeedRefused(f"alst refused: ALST shifts labels for a causal LM loss; {type(model).__name__}'s loss is "
                           f"{getattr(model, 'loss_type', None) or 'not a causal LM loss'}")
     attn_impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if attn_impl in ("eager", "paged|eager"):
-        raise ALSTRefused(f"alst refused: {attn_impl} attn_implementation isn't currently supported by Ulysses "
+        raise DeepSpeedRefused(f"alst refused: {attn_impl} attn_implementation isn't currently supported by Ulysses "
                           "sequence parallelism (it needs a 4D attention_mask)")
     text = config.get_text_config()
     core = _hf_attention(attn_impl)
@@ -142,7 +139,7 @@ def _attention(model, group):
                     kv_head_count=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
                     num_hidden_layers=text.num_hidden_layers, process_group=group, seq_length_is_variable=True)
             except ValueError as exc:  # its deliberate checks (head counts against P)
-                raise ALSTRefused(f"alst refused: {exc}") from None
+                raise DeepSpeedRefused(f"alst refused: {exc}") from None
             uattn.core_attn_implementation = attn_impl
 
             def masks_dropped(module, query, key, value, attention_mask, *args, **kwargs):
@@ -158,10 +155,10 @@ def _shard(batch, rank, world):
     batch = dict(batch)
     ids = batch.get("input_ids")
     if ids is None or batch.get("labels") is None:
-        raise ALSTRefused(f"alst refused: ALST needs input_ids and labels (the batch has {sorted(batch)})")
+        raise DeepSpeedRefused(f"alst refused: ALST needs input_ids and labels (the batch has {sorted(batch)})")
     seq_len = ids.shape[1]
     if seq_len % world:
-        raise ALSTRefused(f"alst refused: batch's seqlen={seq_len} isn't divisible by sp-size={world}")
+        raise DeepSpeedRefused(f"alst refused: batch's seqlen={seq_len} isn't divisible by sp-size={world}")
     if batch.get("position_ids") is None:
         batch["position_ids"] = torch.arange(seq_len, device=ids.device).expand(ids.shape[0], seq_len)
     labels = torch.nn.functional.pad(batch.pop("labels"), (0, 1), value=-100)

@@ -329,7 +329,7 @@ def locate(reference: dict, ranks: list, tol: Tolerance, seq_len: int | None = N
     ref_entries = {e.name: e for e in reference}
     per_rank = [{e.name: e for e in r} for r in ranks]
     order = [e for e in ranks[0] if e.key in ref_entries]
-    trace, first, unplaced = [], None, None
+    trace, first = [], None
     for phase in ("forward", "backward"):
         last_match, unplaced = None, None
         steps = order if phase == "forward" else list(reversed(order))

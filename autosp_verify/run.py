@@ -63,6 +63,10 @@ def simulate(sim, spec, base, batch, timeout, later=()) -> list:
         return sim.run(spec.world_size, rank_fn, _payload(sim, spec, base, batch, later, folder), timeout)
 
 
+def _silent(text: str) -> None:
+    """Nobody asks what the case is doing."""
+
+
 @dataclasses.dataclass
 class Case:
     """One case as every stage sees it (run, compare, diagnose, account): what it is, where it
@@ -76,10 +80,7 @@ class Case:
     timeout: float
     ref: object = None
     later: tuple = ()
-    phase: object = None  # phase(text): says what the case is doing (the progress line); None: nobody asks
-
-    def __post_init__(self):
-        self.phase = self.phase or (lambda text: None)
+    phase: object = _silent  # phase(text): says what the case is doing (the progress line)
 
     def run(self, spec=None, batch=None, later=()) -> list:
         """The ranks' results for this case, or for ``spec``/``batch`` in its place (reruns)."""
@@ -187,7 +188,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     inputs_fn = inputs_fn or file_inputs_fn
     base, batch = build_case(model_fn, inputs_fn, spec)
     case = Case(spec, sim, base, batch, inputs_fn, tol, timeout, later=tuple(later_batches(inputs_fn, spec)),
-                phase=phase)
+                phase=phase or _silent)
     case.phase("the one-device reference")
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
         case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
