@@ -29,7 +29,7 @@ def backend_for(config: SPConfig, world_size: int | None = None, group_key: str 
     architecture. The group (its key: its ranks) is part of the key because the graph names it."""
     key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
            config.checkpointing, config.checkpoint_min_bytes, config.attention_block_elements, config.ulysses,
-           world_size, group_key)
+           config.attention_output, world_size, group_key)
     if key not in _BACKENDS:
         _BACKENDS[key] = make_backend(config, group_key)
     return _BACKENDS[key]
@@ -40,7 +40,8 @@ def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
         group = collectives.resolve_group(group_key)
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug,
-                         block_elements=config.attention_block_elements, ulysses=config.ulysses)
+                         block_elements=config.attention_block_elements, ulysses=config.ulysses,
+                         attention_output=config.attention_output)
         if config.checkpointing == "selective":
             inner = selective_backend(config.backend, ctx.seq.symbol, config.checkpoint_min_bytes)
         else:

@@ -6,8 +6,8 @@ torch's selective-checkpoint policies (``node.meta["recompute"]``, the tags
 ``torch.utils.checkpoint`` itself leaves and ``min_cut_rematerialization_partition`` honours):
 
 * attention outputs (the ATen scaled-dot-product-attention ops, ``autosp::masked_attention``,
-  their tuple items, and the
-  ``autosp::head_to_seq`` all-to-all after them): ``MUST_SAVE``;
+  ``autosp::cpu_flash_attention``, their tuple items, and the ``autosp::head_to_seq`` /
+  ``autosp::attention_to_seq`` all-to-all after them): ``MUST_SAVE``;
 * every ``autosp::*`` op (the all-to-alls, the loss's group sum, the shards): ``MUST_SAVE``, a
   collective is never run twice (recomputing an all-to-all costs a second exchange);
 * random ops: left to the partitioner (never forced into a recomputation);
@@ -25,7 +25,7 @@ import operator
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-from autosp import masked_attention  # noqa: F401  (registers autosp::masked_attention)
+from autosp import flash_attention, masked_attention  # noqa: F401  (registers their autosp:: ops)
 from autosp.errors import AutoSPError
 
 CHECKPOINTING = (None, "selective")
@@ -40,8 +40,9 @@ ATTENTION_OPS = {
     _aten._scaled_dot_product_attention_math.default,
     _aten.scaled_dot_product_attention.default,
     torch.ops.autosp.masked_attention.default,
+    torch.ops.autosp.cpu_flash_attention.default,
 }
-ATTENTION_OUTPUT_OPS = ("autosp::head_to_seq",)
+ATTENTION_OUTPUT_OPS = ("autosp::head_to_seq", "autosp::attention_to_seq")
 
 
 def _is_autosp(node) -> bool:

@@ -13,6 +13,7 @@ from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
                    "token_type_ids", "shift_labels")
 PADDING_POLICIES = ("pad", "error")
+ATTENTION_OUTPUT = ("auto", "once", "twice")
 
 
 @dataclass
@@ -45,6 +46,13 @@ class SPConfig:
         Ulysses when an attention has at least P query heads, else the U dividing P (at most the
         query heads) that sends the fewest bytes (``autosp.collectives.sp_degrees``). An int fixes
         U; it must divide the group size.
+    attention_output: where a rank holds an attention's output for the backward. "once": only
+        sequence-sharded, as the output projection's input; the backward then sends
+        rowsum(dO * O) with dO (H values per position more: 1/head_dim of that all-to-all).
+        "twice": head-sharded for the attention's backward too, the Ulysses minimum in bytes.
+        "auto" (default): "once" where that costs at most 2% more of the attention's all-to-all
+        bytes (head dims of 16 and more), else "twice". Torch's CPU flash kernel and
+        ``autosp::masked_attention`` can; elsewhere (CUDA's kernels for now) it is "twice".
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None
@@ -59,6 +67,7 @@ class SPConfig:
     checkpoint_min_bytes: int = 0
     attention_block_elements: int = DEFAULT_BLOCK_ELEMENTS
     ulysses: int | None = None
+    attention_output: str = "auto"
 
     def __post_init__(self):
         from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
@@ -94,6 +103,8 @@ class SPConfig:
         if self.ulysses is not None and (isinstance(self.ulysses, bool) or not isinstance(self.ulysses, int)
                                          or self.ulysses < 1):
             raise AutoSPError(f"ulysses must be a positive int (the Ulysses degree), got {self.ulysses!r}")
+        if self.attention_output not in ATTENTION_OUTPUT:
+            raise AutoSPError(f"attention_output must be one of {ATTENTION_OUTPUT}, got {self.attention_output!r}")
 
     def resolve_group(self) -> dist.ProcessGroup:
         if not dist.is_initialized():

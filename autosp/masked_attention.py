@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from autosp.errors import AutoSPError
+
 # Pointwise ops a mask program may use (broadcasting). ``expand``/``contiguous``/``clone`` are
 # identities here: the block's rows broadcast against the scores anyway.
 OPS = {
@@ -237,10 +239,12 @@ def _offset(q: Tensor, group: str, ulysses: int) -> int:
 
 @torch.library.custom_op("autosp::masked_attention", mutates_args=())
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], program: str, length: int, scale: float, enable_gqa: bool,
-                     block_elements: int, group: str, ulysses: int) -> tuple[Tensor, Tensor]:
+                     block_elements: int, group: str, ulysses: int, lse_grad_is_delta: bool = False) -> tuple[Tensor, Tensor]:
     """(attention output [B, H, S', Dv], log-sum-exp [B, H, S']) for [B, H, S', D] q; the log-sum-exp
     in float32 for half-precision inputs. q's rows are positions 0.. of the sequence (``group`` ""),
-    or, given the group and the Ulysses degree of a two-level layout, those of this rank's block."""
+    or, given the group and the Ulysses degree of a two-level layout, those of this rank's block.
+    ``lse_grad_is_delta``: the output is not saved; the backward takes rowsum(dO * O) as the
+    log-sum-exp's gradient (the output goes to ``autosp::attention_to_seq``, which sends it)."""
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
@@ -260,21 +264,20 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], prog
 
 
 @masked_attention.register_fake
-def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses):
+def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses, lse_grad_is_delta=False):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return out, q.new_empty(q.shape[:-1], dtype=_work_dtype(q.dtype))
 
 
 @torch.library.custom_op("autosp::masked_attention_backward", mutates_args=())
-def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor,
                               leaves: list[Tensor], program: str, length: int,
                               scale: float, enable_gqa: bool, block_elements: int, group: str,
                               ulysses: int) -> tuple[Tensor, Tensor, Tensor]:
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
-    qw, kw, vw, gw, ow = (t.to(work) for t in (q, k, v, grad, out))
+    qw, kw, vw, gw = (t.to(work) for t in (q, k, v, grad))  # delta [B, H, S']: rowsum(dO * O), in work
     dq, dk, dv = torch.zeros_like(qw), torch.zeros_like(kw), torch.zeros_like(vw)
-    delta = (gw * ow).sum(-1)  # [B, H, S']: rowsum(dO * O), the softmax's backward term
     for start, stop, mask, k0, k1 in _Blocks(q, k, leaves, program, length, block_elements,
                                              _offset(q, group, ulysses)):
         if k1 == k0:
@@ -292,20 +295,33 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 
 
 @masked_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses):
+def _(grad, q, k, v, delta, lse, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, leaves, *args = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], *leaves)
-    ctx.args = tuple(args)  # program, length, scale, enable_gqa, block_elements, group, ulysses
+    ctx.delta_from_grad = len(args) > 7 and args[7]
+    out = () if ctx.delta_from_grad else (output[0],)
+    ctx.save_for_backward(q, k, v, output[1], *out, *leaves)
+    ctx.leaves = len(leaves)
+    ctx.args = tuple(args[:7])  # program, length, scale, enable_gqa, block_elements, group, ulysses
 
 
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, *leaves = ctx.saved_tensors
-    dq, dk, dv = masked_attention_backward(grad, q, k, v, out, lse, leaves, *ctx.args)
-    return (dq, dk, dv, [None] * len(leaves)) + (None,) * len(ctx.args)
+def _backward(ctx, grad, grad_lse):
+    q, k, v, lse, *rest = ctx.saved_tensors
+    leaves = rest[len(rest) - ctx.leaves:]
+    if ctx.delta_from_grad:
+        if grad_lse is None:
+            raise AutoSPError("autosp::masked_attention(lse_grad_is_delta=True): no rowsum(dO * O) arrived as "
+                              "its log-sum-exp's gradient; its output must go to autosp::attention_to_seq")
+        delta = grad_lse
+    else:
+        work = lse.dtype
+        delta = (grad.to(work) * rest[0].to(work)).sum(-1)
+    dq, dk, dv = masked_attention_backward(grad, q, k, v, delta, lse, leaves, *ctx.args)
+    # torch drops a trailing argument equal to its default from the call: no gradient slot for it
+    return (dq, dk, dv, [None] * len(leaves)) + (None,) * (len(ctx.args) + ctx.delta_from_grad)
 
 
 masked_attention.register_autograd(_backward, setup_context=_setup)

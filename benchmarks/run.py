@@ -123,31 +123,38 @@ def bench_compile(quick: bool) -> dict:
 
 # --- memory ---------------------------------------------------------------------------------------
 
+MEMORY_MODELS = [("hf_llama (head_dim 4)", FIXTURE),
+                 ("wide heads (head_dim 16)", os.path.join(ROOT, "tests", "compiler", "wide_head_models.py"))]
+
+
 def bench_memory(quick: bool) -> dict:
     from autosp_verify.run import verify_file
 
     S = 64 if quick else 256
     sizes = [2, 4] if quick else [2, 4, 8]
     rows, data = [], []
-    for P in sizes:
-        r = verify_file(FIXTURE, impl="autosp", world_size=P, seq_len=S, batch=1, dtype=torch.float32,
-                        simulator="threaded", memory=True)
-        mem = (r.accounting or {}).get("memory") or {}
-        ratio, total = mem.get("ratio"), mem.get("total_ratio")
-        seq_ref = (mem.get("reference") or {}).get("seq")
-        seq_rank = max((x["seq"] for x in mem.get("ranks") or []), default=None)
-        data.append({"P": P, "ratio": ratio, "total": total})
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        rows.append([P, r.status, "-" if seq_ref is None else f"{seq_ref / 1024:.1f}",
-                     "-" if seq_rank is None else f"{seq_rank / 1024:.1f}", fmt(ratio), f"{1 / P:.3f}",
-                     "-" if ratio is None else f"{ratio * P:.2f}x", fmt(total), loadavg()])
-    text = table(f"Per-rank activation memory, fixtures/hf_llama.py, S={S} (total), B=1, float32, threaded simulator",
-                 ["P", "verdict", "1-dev seq KiB", "rank seq KiB", "ratio", "1/P", "ratio x P", "total ratio",
-                  "loadavg"],
-                 rows, ["seq KiB: sequence-long tensors saved for the backward (autosp_verify/accounting.py), "
+    for label, path in MEMORY_MODELS:
+        for P in sizes:
+            r = verify_file(path, impl="autosp", world_size=P, seq_len=S, batch=1, dtype=torch.float32,
+                            simulator="threaded", memory=True)
+            mem = (r.accounting or {}).get("memory") or {}
+            ratio, total = mem.get("ratio"), mem.get("total_ratio")
+            seq_ref = (mem.get("reference") or {}).get("seq")
+            seq_rank = max((x["seq"] for x in mem.get("ranks") or []), default=None)
+            data.append({"model": label, "P": P, "ratio": ratio, "total": total})
+            fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            rows.append([label, P, r.status, "-" if seq_ref is None else f"{seq_ref / 1024:.1f}",
+                         "-" if seq_rank is None else f"{seq_rank / 1024:.1f}", fmt(ratio), f"{1 / P:.3f}",
+                         "-" if ratio is None else f"{ratio * P:.2f}x", fmt(total), loadavg()])
+    text = table(f"Per-rank activation memory, S={S} (total), B=1, float32, threaded simulator",
+                 ["model", "P", "verdict", "1-dev seq KiB", "rank seq KiB", "ratio", "1/P", "ratio x P",
+                  "total ratio", "loadavg"],
+                 rows, ["seq KiB: sequence-long tensors saved for the backward (autosp_verify/accounting/), "
                         "largest rank vs one device compiled the same way without the passes",
                         "ratio x P = 1.00 would be the ideal 1/P; total ratio counts every saved tensor, "
-                        "including the [S, S] mask every rank keeps whole"])
+                        "including the [S, S] mask every rank keeps whole",
+                        "head_dim 4: the attention output kept twice (SPConfig(attention_output='auto') keeps the "
+                        "Ulysses minimum in bytes there); head_dim 16: once"])
     return {"rows": data, "text": text, "S": S}
 
 
@@ -325,9 +332,11 @@ def write_png(path: str, results: dict) -> None:
             ax.set_title("Compile time")
             ax.legend(fontsize=8)
         elif key == "memory":
-            ps = [r["P"] for r in rows]
-            ax.plot(ps, [r["ratio"] for r in rows], "o-", label="seq-long activations / 1-dev")
-            ax.plot(ps, [r["total"] for r in rows], "s--", label="all saved tensors / 1-dev")
+            for model in dict.fromkeys(r["model"] for r in rows):
+                mine = [r for r in rows if r["model"] == model]
+                ax.plot([r["P"] for r in mine], [r["ratio"] for r in mine], "o-", label=f"{model}: seq-long")
+                ax.plot([r["P"] for r in mine], [r["total"] for r in mine], "s--", label=f"{model}: all saved")
+            ps = sorted({r["P"] for r in rows})
             ax.plot(ps, [1 / p for p in ps], "k:", label="1/P")
             ax.set_xscale("log", base=2)
             ax.set_xticks(ps, [str(p) for p in ps])

@@ -200,7 +200,7 @@ def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: s
     peers = ulysses_peers(_rank(group), world_size, u)
     received = _all_to_all(chunks, group, peers=peers)  # [source rank, its heads, my S/P, ...]
     heads = received.reshape(u * per_rank, local_len, *canon.shape[2:])[:num_heads]
-    return heads.movedim((0, 1), (head_dim, seq_dim)).contiguous()
+    return _sequence_major(heads.movedim((0, 1), (head_dim, seq_dim)), seq_dim, head_dim)
 
 
 @head_to_seq.register_fake
@@ -209,7 +209,19 @@ def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
     shape = list(x.shape)
     shape[head_dim] = num_heads
     shape[seq_dim] = shape[seq_dim] // u
-    return x.new_empty(shape)
+    return _sequence_major(x.new_empty(shape), seq_dim, head_dim)
+
+
+def _sequence_major(x: Tensor, seq_dim: int, head_dim: int) -> Tensor:
+    """``x`` with the sequence dim laid out before the head dim in memory ([B, S, H, D] under a
+    [B, H, S, D] view, as CUDA's flash attention returns it): the usual ``transpose(1, 2)`` +
+    reshape to [B, S, H*D] after attention is then a view, so the attention output is held once,
+    not once here and again as the projection's input."""
+    if head_dim > seq_dim:
+        return x.contiguous()
+    order = list(range(x.dim()))
+    order[head_dim], order[seq_dim] = seq_dim, head_dim  # a swap: its own inverse
+    return x.permute(order).contiguous().permute(order)
 
 
 def _s2h_setup(ctx, inputs, output):
@@ -235,6 +247,51 @@ def _h2s_backward(ctx, grad):
 
 seq_to_head.register_autograd(_s2h_backward, setup_context=_s2h_setup)
 head_to_seq.register_autograd(_h2s_backward, setup_context=_h2s_setup)
+
+
+# --- attention_to_seq: head_to_seq of an attention output that is held once -------------------------
+#
+# An attention's backward reads its output only for D = rowsum(dO * O) per query row and head.
+# Saved head-sharded for that, the output would be held twice on a rank: there, and
+# sequence-sharded after the all-to-all as the output projection's input. ``attention_to_seq``
+# keeps only the second: its backward computes D from the output it returned and sends it back
+# with dO (one all-to-all, H values per position more), as the gradient of the attention's
+# log-sum-exp; the attention ops that take part (``autosp::cpu_flash_attention``,
+# ``autosp::masked_attention(..., lse_grad_is_delta=True)``) read it as D and save no output.
+
+@torch.library.custom_op("autosp::attention_to_seq", mutates_args=())
+def attention_to_seq(out: Tensor, lse: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: str,
+                     world_size: int, ulysses: int = 0) -> Tensor:
+    """head_to_seq of the output ``out`` [.., H/U, .., S*, D] of an attention whose log-sum-exp is
+    ``lse`` [.., H/U, .., S*] (not read: only its gradient matters, D as above)."""
+    return head_to_seq(out, seq_dim, head_dim, num_heads, group, world_size, ulysses)
+
+
+@attention_to_seq.register_fake
+def _(out, lse, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
+    return head_to_seq(out, seq_dim, head_dim, num_heads, group, world_size, ulysses)
+
+
+def _a2s_setup(ctx, inputs, output):
+    _, lse, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size, *rest = inputs
+    ctx.ulysses = rest[0] if rest else 0
+    ctx.delta_dtype = lse.dtype
+    ctx.save_for_backward(output)
+
+
+def _a2s_backward(ctx, grad):
+    out, = ctx.saved_tensors
+    work = ctx.delta_dtype  # the attention's accumulation dtype (float32 for half precision)
+    delta = (grad.to(work) * out.to(work)).sum(-1, keepdim=True)
+    ratio = work.itemsize // grad.dtype.itemsize  # D travels bitwise in grad's dtype, beside dO
+    packed = torch.cat([grad, delta.view(grad.dtype)], -1)
+    full = seq_to_head(packed, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses)
+    d = grad.shape[-1]
+    delta_heads = full[..., d:d + ratio].contiguous().view(work).squeeze(-1)
+    return (full[..., :d], delta_heads) + (None,) * 6
+
+
+attention_to_seq.register_autograd(_a2s_backward, setup_context=_a2s_setup)
 
 
 # --- gather_kv: this block's keys/values -> every block's (P = U x R); backward: reduce-scatter ----

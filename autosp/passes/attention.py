@@ -33,12 +33,15 @@ from torch import fx
 
 from autosp.collectives import kv_repeats, sp_degrees
 from autosp.errors import AutoSPError
+from autosp.flash_attention import DTYPES
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
 from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
 
 S2H, H2S = torch.ops.autosp.seq_to_head.default, torch.ops.autosp.head_to_seq.default
+A2S = torch.ops.autosp.attention_to_seq.default
 MASKED = torch.ops.autosp.masked_attention.default
+FLASH = torch.ops.autosp.cpu_flash_attention.default
 GATHER_KV = torch.ops.autosp.gather_kv.default
 
 
@@ -106,8 +109,13 @@ def _rewrite(ctx, node) -> None:
         else:
             k2, v2 = (g.call_function(GATHER_KV, (t, seq_dim, ctx.group, P, U)) for t in (k2, v2))
             ctx.counters["all_gather"] += 2
-        attn = _attend(ctx, node, (q, q2, k2, v2), mask, is_causal, dropout, gqa, U, R)
-        out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P, *block))
+        once = _held_once(ctx, q_heads, kv_heads * repeats, U, example_value(q))
+        attn, lse = _attend(ctx, node, (q, q2, k2, v2), mask, is_causal, dropout, gqa, U, R, once)
+        if lse is None:
+            out = g.call_function(H2S, (attn, seq_dim, head_dim, q_heads, ctx.group, P, *block))
+        else:  # the output held once: sequence-sharded (see autosp.collectives.ops.attention_to_seq)
+            out = g.call_function(A2S, (attn, lse, seq_dim, head_dim, q_heads, ctx.group, P, *block))
+            ctx.counters["attention_output_once"] += 1
         if R == 1:
             stands_for(attn, node)
         stands_for(out, node)
@@ -118,20 +126,26 @@ def _rewrite(ctx, node) -> None:
     ctx.counters["attention"] += 1
 
 
-def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R):
-    """The attention of this rank's heads (``q`` as traced, then the all-to-alls' q, k, v): torch's
-    for ``is_causal`` without a mask under plain Ulysses (and, with the whole mask, for dropout),
-    else ``autosp::masked_attention`` over the mask as O(S) data, from this rank's first query."""
+def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
+    """(output, log-sum-exp or None) of the attention of this rank's heads (``q`` as traced, then the
+    all-to-alls' q, k, v): torch's for ``is_causal`` without a mask under plain Ulysses (its CPU
+    flash kernel as ``autosp::cpu_flash_attention`` where it can, and, with the whole mask, for
+    dropout), else ``autosp::masked_attention`` over the mask as O(S) data, from this rank's first
+    query. With a log-sum-exp (``once``) the backward takes rowsum(dO * O) from
+    ``attention_to_seq`` and saves no output."""
     g, (q, q2, k2, v2) = ctx.graph, qkv
     factored = None if (mask is None and is_causal and R == 1) else _factor(ctx, node, mask, dropout, R)
     if factored is None and R > 1:
         raise AutoSPError(f"attention {node.name}: its mask ({mask!r}) cannot be given per block of "
                           f"query rows, which keys and values gathered over {R} blocks need\n  at "
                           f"{source_line(node)}")
+    if factored is None and once and not dropout and _cpu_flash(node):
+        both = g.call_function(FLASH, (q2, k2, v2, is_causal, call_arg(node, 6, "scale")))
+        return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1))
     if factored is None:
         kwargs = dict(attn_mask=_padded_mask(ctx, mask), dropout_p=dropout, is_causal=is_causal,
                       scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
-        return g.call_function(node.target, (q2, k2, v2), kwargs)
+        return g.call_function(node.target, (q2, k2, v2), kwargs), None
     scale, q_in = call_arg(node, 6, "scale"), q2
     if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
         q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
@@ -140,9 +154,32 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R):
         factored = masks.causal()
     rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
     both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
-                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows))
+                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, once))
     ctx.counters["masked_attention"] += 1
-    return g.call_function(operator.getitem, (both, 0))
+    return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1)) if once else None
+
+
+ONCE_MAX_EXTRA = 0.02  # SPConfig(attention_output="auto"): "once" when it adds at most this much
+
+
+def _held_once(ctx, q_heads: int, kv_heads_sent: int, U: int, q) -> bool:
+    """Whether the attention output is held once (``SPConfig.attention_output``). Once costs one
+    value per query head and position in the backward's all-to-all (two for half precision, whose
+    rowsum(dO * O) is float32), against (q + k + v + output) heads x head_dim each way."""
+    if ctx.attention_output != "auto":
+        return ctx.attention_output == "once"
+    padded_q = -(-q_heads // U) * U
+    extra = padded_q * max(1, 4 // q.element_size())
+    moved = 2 * (2 * padded_q + 2 * kv_heads_sent) * int(q.shape[-1])
+    return extra <= ONCE_MAX_EXTRA * moved
+
+
+def _cpu_flash(node) -> bool:
+    """Whether torch's CPU flash kernel runs this attention as ``autosp::cpu_flash_attention`` (on
+    other devices torch's attention stays, and saves its output: docs/accounting.md)."""
+    q, k, v = (example_value(call_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    return (q.device.type == "cpu" and q.dtype in DTYPES and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and not isinstance(call_arg(node, 6, "scale"), fx.Node))
 
 
 _REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them

@@ -23,6 +23,7 @@ class PassContext:
     output_layouts: dict[int, SeqLayout] = field(default_factory=dict)
     block_elements: int = DEFAULT_BLOCK_ELEMENTS  # working memory of autosp::masked_attention
     ulysses: int | None = None  # Ulysses degree U fixed by the user (None: the attention pass picks)
+    attention_output: str = "auto"  # held "once" or "twice" for the backward (SPConfig)
     mask_region: set = field(default_factory=set)  # [S, S] mask nodes replaced by O(S) leaves
     _sizes: dict = field(default_factory=dict)
 

@@ -6,7 +6,9 @@ would. Loaded by path: the broken passes register themselves on import.
 """
 
 
-from autosp.passes.attention import GATHER_KV, H2S, MASKED, S2H
+import operator
+
+from autosp.passes.attention import A2S, GATHER_KV, H2S, MASKED, S2H
 from autosp.passes.layout import example_value
 from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
 from autosp_verify.impls import autosp_impl
@@ -37,7 +39,7 @@ def _rows_from_zero(ctx):
     queries start, so every block's queries are masked as if they were the first positions."""
     for node in list(ctx.graph.nodes):
         if node.target is MASKED and node.args[9]:
-            node.args = node.args[:9] + ("", 0)
+            node.args = node.args[:9] + ("", 0) + node.args[11:]
 
 
 def _kv_gather_without_grad(ctx):
@@ -49,6 +51,16 @@ def _kv_gather_without_grad(ctx):
                 node.replace_input_with(node.args[0], ctx.graph.call_method("detach", (node.args[0],)))
 
 
+def _delta_halved(ctx):
+    """The bug (attention output held once): the all-to-all after attention hands back half of
+    rowsum(dO * O), so the attention's backward subtracts the wrong softmax term."""
+    for node in list(ctx.graph.nodes):
+        if node.target is A2S:
+            with ctx.graph.inserting_before(node):
+                node.replace_input_with(node.args[1], ctx.graph.call_function(operator.mul, (node.args[1], 0.5)))
+
+
+PASSES["broken_delta_halved"] = _delta_halved
 PASSES["broken_detach_a2a"] = _detach_attention_inputs
 PASSES["broken_rows_from_zero"] = _rows_from_zero
 PASSES["broken_kv_gather_grad"] = _kv_gather_without_grad
@@ -64,4 +76,5 @@ detached_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_detach
 head_size_all_to_all = autosp_impl("eager", passes=_pipeline(extra="broken_a2a_dims"))
 rows_from_zero = autosp_impl("eager", passes=_pipeline(extra="broken_rows_from_zero"))
 kv_gather_without_grad = autosp_impl("eager", passes=_pipeline(extra="broken_kv_gather_grad"))
+delta_halved = autosp_impl("eager", passes=_pipeline(extra="broken_delta_halved"))
 correct = autosp_impl("eager")

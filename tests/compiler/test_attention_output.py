@@ -1,0 +1,55 @@
+"""The attention output held once (``SPConfig(attention_output=...)``): its backward takes
+rowsum(dO * O) from the all-to-all after it instead of a saved head-sharded copy. Exact, one
+saved copy less per attention, H values per position more in the backward's all-to-all; and a
+negative control (that value halved) the verifier fails."""
+import os
+
+import pytest
+
+from autosp_verify.core import CaseSpec
+from autosp_verify.impls import autosp_impl
+from autosp_verify.run import run_case
+
+from . import wide_head_models as m
+BROKEN_AUTOSP = os.path.join(os.path.dirname(__file__), "..", "verify", "broken_autosp.py")
+
+P, S = 2, 16
+
+
+def _run(impl, inputs_fn=m.inputs_fn, memory=False):
+    spec = CaseSpec(m.model_fn, impl, P, S, 2, "float64", 0, steps=1)
+    result = run_case(spec, inputs_fn, "threaded", 120, diagnose=False, memory=memory)
+    assert result.status != "error", result.error
+    return result
+
+
+def _memory(result):
+    memory = result.accounting["memory"]
+    return memory["activation_ratio"] * P, max(memory["rank_bytes"])
+
+
+@pytest.mark.parametrize("inputs_fn", [m.inputs_fn, m.padded_inputs_fn], ids=["causal", "padded"])
+def test_held_once_is_exact_and_saves_one_copy(inputs_fn):
+    import autosp
+    before = autosp.COUNTERS["attention_output_once"]
+    once = _run(autosp_impl(), inputs_fn, memory=True)
+    assert once.passed, once.failures[:3]
+    assert autosp.COUNTERS["attention_output_once"] > before
+    twice = _run(autosp_impl(attention_output="twice"), inputs_fn, memory=True)
+    assert twice.passed, twice.failures[:3]
+    (once_ratio, once_bytes), (twice_ratio, twice_bytes) = _memory(once), _memory(twice)
+    # One [B, H, ceil(S/P), D] output less per layer (float64), and the activations at 1/P.
+    assert twice_bytes - once_bytes == 2 * 2 * 4 * (S // P) * 16 * 8, (once_bytes, twice_bytes)
+    assert once_ratio <= 1.02, (once_ratio, twice_ratio)
+    once_sent, twice_sent = (r.accounting["collectives"]["measured"]["bytes_handed"] for r in (once, twice))
+    assert once_sent > twice_sent == twice.accounting["collectives"]["minimum"]["bytes_handed"]
+    assert once_sent <= 1.02 * twice_sent  # D: one value per query head and position
+
+
+def test_a_wrong_delta_is_caught():
+    """Negative control: rowsum(dO * O) halved on its way back: the forward is untouched, every
+    attention input's gradient is wrong, and the verifier says so."""
+    result = _run(f"{BROKEN_AUTOSP}:delta_halved")
+    assert result.status == "fail", result.status
+    failing = {t["name"] for t in result.tensors if not t["passed"]}
+    assert failing and all(name.startswith("grad") for name in failing), failing
