@@ -75,7 +75,3 @@ class LazyGathered(torch.Tensor):
         raise AutoSPError(f"{func} reached a lazily gathered layer output below torch's function layer; "
                           "call .full() on it first (autosp.multimodal.lazy.LazyGathered)")
 
-
-def materialize(value):
-    """``value`` with every LazyGathered in it (tuples, lists, dicts) replaced by its full value."""
-    return tree_map_only(LazyGathered, LazyGathered.full, value)

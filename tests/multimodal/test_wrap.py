@@ -185,6 +185,15 @@ def test_wrap_twice_refused_and_unwrap_restores_one_device(monkeypatch):
     unwrap_model_for_sp(model)
     assert torch.equal(model(pixels).last_hidden_state, expected)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())  # each layer's class forward again
+
+
+def test_a_forward_set_on_a_layer_instance_is_refused():
+    model = _hf_vit("sdpa")
+    model.layers[0].forward = lambda hidden_states, *a, **k: hidden_states
+    with pytest.raises(AutoSPError, match=r"layer 'layers.0' \(ViTLayer\) has a forward set on the instance"):
+        auto_wrap_model_for_sp(model, process_group=object())
+    assert not hasattr(model, "_autosp_sp_state")
 
 
 class MixingLayer(nn.Module):
