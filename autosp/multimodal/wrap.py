@@ -1,23 +1,24 @@
 """``auto_wrap_model_for_sp``: shard every attention layer of a model along the sequence, in place.
 
-The unit is the *block* (the transformer layer holding a detected attention module). A block's
-forward pre-hook takes this rank's chunk of its hidden states and of every per-position tensor it
-is given (rotary cos/sin, position ids; masks stay whole: attention sees the full sequence); the
-attention inside runs Ulysses (``ulysses.py``); the forward hook gathers the block's output back
-to the full sequence. Everything outside the blocks (patch and token embeddings, class token,
+The unit is the *block* (the transformer layer holding a detected attention module). Its forward
+(replaced on the instance: other hooks on the block still see the caller's arguments) takes this
+rank's chunk of its hidden states and of every per-position tensor it is given (rotary cos/sin,
+position ids; masks stay whole: attention sees the full sequence); the attention inside runs
+Ulysses (``ulysses.py``); the block returns a ``LazyGathered`` (``lazy.py``): the chunk, all-gathered
+only when something other than the next block reads it. So the residual stream stays sharded from
+block to block, and everything outside the blocks (patch and token embeddings, class token,
 position tables, masks, feature selection, projector, splicing visual tokens into the text,
-pooling, heads, the loss) runs unchanged on the full sequence on every rank, so it is exact by
-construction. When the next block receives exactly the tensor the previous one gathered, it reuses
-the chunk it came from: the gathered copy only lives while something else reads it.
+pooling, heads, the loss) runs unchanged on the full sequence on every rank: exact by
+construction.
 
 The model's outputs are the same on every rank; their gradient counts once (rank 0), so a loss
 computed from them by the model or by the caller gives the single-device gradients when the SP
-group's gradients are summed (the DeepSpeed/verifier convention).
+group's gradients are summed (the DeepSpeed/verifier convention). No ``LazyGathered`` leaves the
+model: outputs are plain tensors.
 """
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from autosp import collectives
 from autosp.collectives import ChunkLayout
 from autosp.multimodal.detect import SPModelInfo, describe_unknown, detect_model_sp_info
 from autosp.multimodal.fusion import adapter_for
+from autosp.multimodal.lazy import LazyGathered
 from autosp.multimodal.ulysses import BlockContext, UlyssesMode
 
 BLOCK_ADAPTERS = {}  # block class name -> fn(kwargs, layout) -> [S] segment ids or None
@@ -65,8 +67,6 @@ class _SPState:
     def __init__(self, group, info: SPModelInfo):
         self.group, self.info = group, info
         self.handles: list = []
-        self.chunks: dict = {}   # id(gathered full tensor) -> (weakref to it, the chunk it came from)
-        self.running: list = []  # contexts of the blocks being run (a block's hooks pair up)
         self.keep_sharded: set = set()     # layers whose output stays a chunk (a fusion adapter's tail)
         self.tail_layout = None            # the layout of that chunk, for the adapter
         self.sharded_outputs: set = set()  # ids of outputs that are chunks or group sums: not counted once
@@ -99,19 +99,32 @@ def _seq_dim_of(value: torch.Tensor, length: int, name: str | None) -> int | Non
     return None
 
 
+def _local(value: torch.Tensor, dim: int, layout, group) -> torch.Tensor:
+    """This rank's chunk of ``value`` along ``dim``: a previous layer's own chunk when ``value`` is
+    its output passed on unchanged (no collective), else cut from the full value."""
+    if isinstance(value, LazyGathered):
+        chunk = value.local(dim % value.dim(), layout, group)
+        if chunk is not None:
+            return chunk
+        value = value.full()
+    return collectives.shard_chunk(value, dim, layout, group)
+
+
 def _shard_value(value, name, layout, group):
     if isinstance(value, torch.Tensor):
         dim = _seq_dim_of(value, layout.length, name)
-        return value if dim is None else collectives.shard_chunk(value, dim, layout, group)
+        if dim is None:
+            return value.full() if isinstance(value, LazyGathered) else value
+        return _local(value, dim, layout, group)
     if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
         return type(value)(_shard_value(v, name, layout, group) for v in value)
     return value
 
 
-def _positional_names(module, count: int) -> list:
+def _positional_names(forward, count: int) -> list:
     """The forward's parameter names of the ``count`` positional arguments after hidden states."""
     try:
-        params = list(inspect.signature(module.forward).parameters.values())[1:]
+        params = list(inspect.signature(forward).parameters.values())[1:]
     except (TypeError, ValueError):
         params = []
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -127,56 +140,64 @@ def _hidden_of(args, kwargs):
                       "`hidden_states=`")
 
 
-def _block_pre_hook(state: _SPState, name: str, causal: bool):
-    def hook(module, args, kwargs):
-        hidden, where = _hidden_of(args, kwargs)
-        seq_dim = hidden.dim() - 2
-        layout = ChunkLayout.of(hidden.shape[seq_dim], state.group)
-        cached = state.chunks.get(id(hidden))
-        if cached is not None and cached[0]() is hidden:
-            chunk = cached[1]  # the previous layer's own chunk: no re-shard
-        else:
-            chunk = collectives.shard_chunk(hidden, seq_dim, layout, state.group)
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or where != "kwarg"}
-        adapter = BLOCK_ADAPTERS.get(type(module).__name__)
-        segments = adapter(kwargs, layout) if adapter else None
-        kwargs = {k: _shard_value(v, k, layout, state.group) for k, v in kwargs.items()}
-        if where == "arg":
-            names = _positional_names(module, len(args) - 1)
-            rest = tuple(_shard_value(v, n, layout, state.group) for v, n in zip(args[1:], names))
-            args = (chunk, *rest)
-        else:
-            kwargs["hidden_states"] = chunk
+def _shard_inputs(state: _SPState, block, forward, args, kwargs):
+    """(args, kwargs, layout, seq_dim, hidden's ndim) with this rank's chunk of everything per-position."""
+    hidden, where = _hidden_of(args, kwargs)
+    seq_dim = hidden.dim() - 2
+    layout = ChunkLayout.of(hidden.shape[seq_dim], state.group)
+    chunk = _local(hidden, seq_dim, layout, state.group)
+    kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or where != "kwarg"}
+    adapter = BLOCK_ADAPTERS.get(type(block).__name__)
+    segments = adapter(kwargs, layout) if adapter else None
+    kwargs = {k: _shard_value(v, k, layout, state.group) for k, v in kwargs.items()}
+    if where == "arg":
+        names = _positional_names(forward, len(args) - 1)
+        args = (chunk, *(_shard_value(v, n, layout, state.group) for v, n in zip(args[1:], names)))
+    else:
+        kwargs["hidden_states"] = chunk
+    return args, kwargs, layout, segments, seq_dim, hidden.dim()
+
+
+def _sharded_forward(state: _SPState, name: str, causal: bool, block: nn.Module):
+    """The block's forward, run on this rank's chunk. It replaces ``forward`` on the instance rather
+    than hooking it, so that other hooks on the block (HF's output recorders read the layer's
+    input) see the arguments the caller passed, not the chunk."""
+    forward = block.forward
+
+    def sharded(*args, **kwargs):
+        args, kwargs, layout, segments, seq_dim, ndim = _shard_inputs(state, block, forward, args, kwargs)
         context = BlockContext(name, layout, state.group, causal_hint=causal, segments=segments,
-                               seq_dim=seq_dim, hidden_ndim=hidden.dim())
-        mode = UlyssesMode(context)
-        mode.__enter__()
-        state.running.append((context, mode))
-        return args, kwargs
-    return hook
-
-
-def _block_post_hook(state: _SPState, name: str):
-    def hook(module, args, kwargs, output):
-        context, mode = state.running.pop()
-        mode.__exit__(None, None, None)
-        if output is None:
-            return None  # the block raised; the exception propagates
+                               seq_dim=seq_dim, hidden_ndim=ndim)
+        with UlyssesMode(context):
+            output = forward(*args, **kwargs)
         if context.sdpa_calls == 0:
             raise AutoSPError(f"layer {name!r} ran no scaled_dot_product_attention while sharded: its "
                               "attention would see only this rank's positions. Use an SDPA attention "
                               "implementation (HF: attn_implementation='sdpa')")
-        chunk = output[0] if isinstance(output, (tuple, list)) else output
         if name in state.keep_sharded:
-            state.tail_layout = context.layout
-            return None
-        full = collectives.gather_chunks(chunk, context.seq_dim, context.layout, state.group)
-        state.chunks[id(full)] = (weakref.ref(full), chunk)
+            state.tail_layout = layout
+            return output
+        chunk = output[0] if isinstance(output, (tuple, list)) else output
+        # the chunk stays the value until something other than the next layer reads it
+        full = LazyGathered(chunk, seq_dim, layout, state.group)
         return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
-    return hook
+    return sharded
+
+
+class _ForwardHandle:
+    """Undoes a replaced ``forward`` (the class's method shows through again), like a hook handle."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self):
+        self.module.__dict__.pop("forward", None)
 
 
 def _count_outputs_once(value, state: _SPState):
+    if isinstance(value, LazyGathered):  # no lazy value leaves the model: the caller gets plain tensors
+        value = value.full()
     if isinstance(value, torch.Tensor):
         if not value.requires_grad or id(value) in state.sharded_outputs:
             return value
@@ -192,7 +213,6 @@ def _count_outputs_once(value, state: _SPState):
 
 def _new_forward(state: _SPState):
     def hook(module, args):
-        state.chunks.clear()
         state.sharded_outputs.clear()
         state.tail_layout = None
     return hook
@@ -201,8 +221,8 @@ def _new_forward(state: _SPState):
 def auto_wrap_model_for_sp(model: nn.Module, process_group=None, fusion: bool = True) -> nn.Module:
     """Make ``model`` sequence parallel over ``process_group`` (default: the world), in place.
 
-    Every layer holding a detected vision or language attention module gets hooks that shard its
-    hidden states along the sequence and run its attention as Ulysses; parameters, module names
+    Every layer holding a detected vision or language attention module gets a forward that shards
+    its hidden states along the sequence and runs its attention as Ulysses; parameters, module names
     and the state dict do not change. Returns ``model``. Raises :class:`AutoSPError` when there is
     nothing to wrap, when the model is already wrapped, or when an attention module does not use
     SDPA. Undo with :func:`unwrap_model_for_sp`.
@@ -218,13 +238,14 @@ def auto_wrap_model_for_sp(model: nn.Module, process_group=None, fusion: bool = 
     if not info.blocks:
         raise AutoSPError(describe_unknown(model))
     check_sdpa(info.vit_attn_modules + info.llm_attn_modules, "AutoSP's module-level wrapping")
+    for name, (block, _, _) in info.blocks.items():
+        if "forward" in block.__dict__:
+            raise AutoSPError(f"layer {name!r} ({type(block).__name__}) has a forward set on the instance; "
+                              "AutoSP replaces the forward there and would lose it")
     state = _SPState(group, info)
     for name, (block, side, attention_names) in info.blocks.items():
         causal = any(getattr(model.get_submodule(a), "is_causal", False) for a in attention_names)
-        state.handles.append(block.register_forward_pre_hook(
-            _block_pre_hook(state, name, causal), with_kwargs=True, prepend=True))
-        state.handles.append(block.register_forward_hook(
-            _block_post_hook(state, name), with_kwargs=True, prepend=True, always_call=True))
+        state.handles.append(_ForwardHandle(block, _sharded_forward(state, name, causal, block)))
     state.handles.append(model.register_forward_pre_hook(_new_forward(state), prepend=True))
     state.handles.append(model.register_forward_hook(lambda m, a, out: _count_outputs_once(out, state)))
     model._autosp_sp_state = state

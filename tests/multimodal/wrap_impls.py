@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from autosp import collectives
 from autosp.collectives import ChunkLayout
-from autosp.multimodal import UlyssesSPViTAttention, fusion, ulysses, wrap
+from autosp.multimodal import UlyssesSPViTAttention, fusion, lazy, ulysses, wrap
 from autosp.multimodal.fusion import IGNORE_INDEX
 
 
@@ -63,8 +63,26 @@ def padding_reaches_loss(monkeypatch):
     monkeypatch.setattr(fusion.ModalityFusionSPAdapter, "sharded_loss", sharded_loss)
 
 
+def outside_reader_gets_own_chunk(monkeypatch):
+    """A layer output read outside the layers is this rank's chunk repeated to the full length
+    (the shape fits; the other ranks' positions are missing) instead of the gathered value."""
+    def own_chunk(chunk, seq_dim, layout, group):
+        copies = [1] * chunk.dim()
+        copies[seq_dim] = layout.world_size
+        return chunk.repeat(*copies).narrow(seq_dim, 0, layout.length)
+    monkeypatch.setattr(lazy, "gather_full", own_chunk)
+
+
+def stale_chunk_after_inplace(monkeypatch):
+    """The next layer takes the previous layer's chunk even after the gathered value was modified
+    in place (the version check left out)."""
+    def local(self, seq_dim, layout, group):
+        return self.chunk
+    monkeypatch.setattr(lazy.LazyGathered, "local", local)
+
+
 BUGS = {f.__name__: f for f in (local_attention, every_rank_counts, gather_without_reduce, no_image_boundaries,
-                                 padding_reaches_loss)}
+                                 padding_reaches_loss, outside_reader_gets_own_chunk, stale_chunk_after_inplace)}
 
 
 def manual_vit_attention(model, group, has_cls_token=False):
