@@ -21,6 +21,12 @@ _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def runs(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether this op can run attention of these q, k, v (real or fake tensors)."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and q.dim() == k.dim() == v.dim() == 4
+            and q.shape[-1] == k.shape[-1] == v.shape[-1])
+
+
 @torch.library.custom_op("autosp::cpu_flash_attention", mutates_args=())
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
     """(output [B, H, S, Dv], log-sum-exp [B, H, S]) of ``scaled_dot_product_attention(q, k, v,

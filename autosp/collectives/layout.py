@@ -74,6 +74,20 @@ def sp_degrees(q_heads: int, world_size: int, ulysses: int | None = None,
     return u, world_size // u
 
 
+ONCE_MAX_EXTRA = 0.02  # SPConfig(attention_output="auto"): "once" when it adds at most this much
+
+
+def output_held_once(q_heads: int, kv_heads_sent: int, ulysses: int, head_dim: int, itemsize: int) -> bool:
+    """Whether ``attention_output="auto"`` holds an attention's output once (``attention_to_seq``):
+    that sends one more value per query head and position in the backward's all-to-all (two for
+    half precision, whose rowsum(dO * O) is float32), against (q + k + v + output) heads x
+    ``head_dim`` each way; taken when that is at most ``ONCE_MAX_EXTRA`` more."""
+    padded_q = -(-q_heads // ulysses) * ulysses
+    extra = padded_q * max(1, 4 // itemsize)
+    moved = 2 * (2 * padded_q + 2 * kv_heads_sent) * head_dim
+    return extra <= ONCE_MAX_EXTRA * moved
+
+
 def kv_repeats(q_heads: int, kv_heads: int, world_size: int, gqa: bool) -> tuple[int, bool]:
     """How often to repeat each key/value head before the all-to-all, and whether attention still
     groups query heads (``enable_gqa``), so that each rank holds the kv heads of its query heads:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from autosp import collectives
-from autosp.collectives import ChunkLayout, kv_repeats, pad_to, sp_degrees
+from autosp import flash_attention
+from autosp.collectives import ChunkLayout, kv_repeats, output_held_once, pad_to, sp_degrees
 from autosp.errors import AutoSPError
 from autosp.masked_attention import (DEFAULT_BLOCK_ELEMENTS, Block, ProgramBuilder, default_scale, evaluate,
                                      program_of)
@@ -173,7 +174,12 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
     heads_per_rank = q.shape[1]
     mask = None if attn_mask is None else _rank_mask(attn_mask, layout, heads_per_rank, num_heads)
     padded = layout.padded_len != layout.length
+    # the output held once where it costs little (the passes' SPConfig(attention_output="auto"))
+    once = not dropout_p and output_held_once(num_heads, key.shape[1], U, query.shape[-1], query.element_size())
     if mask is None and ctx.segments is None and not padded and R == 1:  # torch's kernels, is_causal or not
+        if once and flash_attention.runs(q, k, v):
+            out, lse = torch.ops.autosp.cpu_flash_attention(q, k, v, is_causal, scale)
+            return collectives.attention_to_seq(out, lse, 2, 1, num_heads, gkey, world)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                              enable_gqa=enable_gqa)
         return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world)
@@ -183,10 +189,12 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
                                              dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
     else:
         rows = (gkey, U) if R > 1 else ("", 0)  # where this rank's queries start in the sequence
-        out = torch.ops.autosp.masked_attention(
+        out, lse = torch.ops.autosp.masked_attention(
             q, k, v, leaves, program or program_of([], []), layout.length,
             scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,
-            *rows)[0]
+            *rows, once)
+        if once:
+            return collectives.attention_to_seq(out, lse, 2, 1, num_heads, gkey, world, *block)
     return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world, *block)
 
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from autosp.collectives import kv_repeats, sp_degrees
+from autosp.collectives import kv_repeats, output_held_once, sp_degrees
 from autosp.errors import AutoSPError
-from autosp.flash_attention import DTYPES
+from autosp import flash_attention
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
 from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
@@ -159,27 +159,18 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
     return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1)) if once else None
 
 
-ONCE_MAX_EXTRA = 0.02  # SPConfig(attention_output="auto"): "once" when it adds at most this much
-
-
 def _held_once(ctx, q_heads: int, kv_heads_sent: int, U: int, q) -> bool:
-    """Whether the attention output is held once (``SPConfig.attention_output``). Once costs one
-    value per query head and position in the backward's all-to-all (two for half precision, whose
-    rowsum(dO * O) is float32), against (q + k + v + output) heads x head_dim each way."""
+    """Whether the attention output is held once (``SPConfig.attention_output``)."""
     if ctx.attention_output != "auto":
         return ctx.attention_output == "once"
-    padded_q = -(-q_heads // U) * U
-    extra = padded_q * max(1, 4 // q.element_size())
-    moved = 2 * (2 * padded_q + 2 * kv_heads_sent) * int(q.shape[-1])
-    return extra <= ONCE_MAX_EXTRA * moved
+    return output_held_once(q_heads, kv_heads_sent, U, int(q.shape[-1]), q.element_size())
 
 
 def _cpu_flash(node) -> bool:
     """Whether torch's CPU flash kernel runs this attention as ``autosp::cpu_flash_attention`` (on
     other devices torch's attention stays, and saves its output: docs/accounting.md)."""
-    q, k, v = (example_value(call_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-    return (q.device.type == "cpu" and q.dtype in DTYPES and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
-            and q.shape[-1] == k.shape[-1] == v.shape[-1] and not isinstance(call_arg(node, 6, "scale"), fx.Node))
+    qkv = (example_value(call_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    return flash_attention.runs(*qkv) and not isinstance(call_arg(node, 6, "scale"), fx.Node)
 
 
 _REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
