@@ -152,7 +152,7 @@ def bench_memory(quick: bool) -> dict:
                  rows, ["seq KiB: sequence-long tensors saved for the backward (autosp_verify/accounting/), "
                         "largest rank vs one device compiled the same way without the passes",
                         "ratio x P = 1.00 would be the ideal 1/P; total ratio counts every saved tensor, "
-                        "including the [S, S] mask every rank keeps whole",
+                        "parameter-sized ones and any [S, S] tensor a rank holds whole",
                         "head_dim 4: the attention output kept twice (SPConfig(attention_output='auto') keeps the "
                         "Ulysses minimum in bytes there); head_dim 16: once"])
     return {"rows": data, "text": text, "S": S}

@@ -7,6 +7,10 @@ every rank to hold the kv heads of its query heads (GQA/MQA with fewer kv heads 
 heads the model repeated itself before attention (HF's ``repeat_kv``) are moved before the repeat,
 and attention groups the query heads instead (``enable_gqa``): the Ulysses minimum in bytes.
 Query heads that P does not divide are padded with zero heads inside the all-to-all.
+Where it costs little (``SPConfig(attention_output=...)``), the output is held once: the
+all-to-all after attention is ``attention_to_seq``, which sends rowsum(dO * O) back with dO, and
+attention saves no head-sharded copy of its output (``autosp::cpu_flash_attention``,
+``masked_attention(..., lse_grad_is_delta=True)``).
 
 Past the head count (fewer query heads than ranks, or ``SPConfig(ulysses=U)``), P = U x R: the
 all-to-alls run within blocks of U ranks, ``gather_kv`` gathers keys and values over the R blocks,

@@ -38,8 +38,8 @@ def test_held_once_is_exact_and_saves_one_copy(inputs_fn):
     twice = _run(autosp_impl(attention_output="twice"), inputs_fn, memory=True)
     assert twice.passed, twice.failures[:3]
     (once_ratio, once_bytes), (twice_ratio, twice_bytes) = _memory(once), _memory(twice)
-    # One [B, H, ceil(S/P), D] output less per layer (float64), and the activations at 1/P.
-    assert twice_bytes - once_bytes == 2 * 2 * 4 * (S // P) * 16 * 8, (once_bytes, twice_bytes)
+    # One [B, H, S/P, D] output less per layer (float64), and the activations at 1/P.
+    assert twice_bytes - once_bytes == m.LAYERS * 2 * m.HEADS * (S // P) * m.HEAD_DIM * 8, (once_bytes, twice_bytes)
     assert once_ratio <= 1.02, (once_ratio, twice_ratio)
     once_sent, twice_sent = (r.accounting["collectives"]["measured"]["bytes_handed"] for r in (once, twice))
     assert once_sent > twice_sent == twice.accounting["collectives"]["minimum"]["bytes_handed"]

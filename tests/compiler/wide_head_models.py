@@ -1,17 +1,17 @@
-"""HF ``LlamaForCausalLM`` with head_dim 16 (hidden 64, 4 query / 2 kv heads, 2 layers), as
+"""HF ``LlamaForCausalLM`` with head_dim 16 (hidden 128, 8 query / 4 kv heads, 2 layers), as
 ``from_pretrained`` would give it (``use_cache=True``): heads wide enough that
 ``SPConfig(attention_output="auto")`` holds the attention output once. ``inputs_fn``: causal
 (torch's CPU flash kernel); ``padded_inputs_fn``: right padding (``autosp::masked_attention``)."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-VOCAB = 96
+VOCAB, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 96, 2, 8, 4, 16
 
 
 def model_fn():
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=128,
+                         max_position_embeddings=512, attn_implementation="sdpa")
     return LlamaForCausalLM(config).float().train()
 
 
