@@ -13,6 +13,7 @@ from autosp import collectives
 from autosp.checkpointing import selective_backend
 from autosp.config import SPConfig
 from autosp.errors import AutoSPError
+from autosp.local_symbol import own_symbol
 from autosp.passes.registry import run_passes
 
 
@@ -42,17 +43,22 @@ def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug,
                          block_elements=config.attention_block_elements, ulysses=config.ulysses,
                          attention_output=config.attention_output)
+        to_compile, example_inputs, own = own_symbol(ctx, example_inputs)
         if config.checkpointing == "selective":
-            inner = selective_backend(config.backend, ctx.seq.symbol, config.checkpoint_min_bytes)
+            symbols = {ctx.seq.symbol} | ({own.symbol} if own is not None else set())
+            inner = selective_backend(config.backend, symbols, config.checkpoint_min_bytes)
         else:
             inner = _inner_backend(config.backend)
-        compiled = inner(gm, example_inputs)
-        return _runner(compiled, ctx, group_key)
+        compiled = inner(to_compile, example_inputs)
+        if own is not None:
+            own.rewrite_guards()
+        return _runner(compiled, ctx, group_key, local_input=own is not None)
     return autosp_backend
 
 
-def _runner(compiled, ctx, group_key):
-    """Wrap the compiled graph: check the group still has the size the graph was made for, and
+def _runner(compiled, ctx, group_key, local_input: bool = False):
+    """Wrap the compiled graph: check the group still has the size the graph was made for, pass
+    the local length ceil(S/P) as the last input where the graph takes it (local_symbol.py), and
     return sharded outputs without their padding."""
     placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
     seq_index = placeholders.index(ctx.seq.node)
@@ -64,10 +70,10 @@ def _runner(compiled, ctx, group_key):
             raise AutoSPError(f"this graph was compiled for {world_size} ranks but the group has "
                               f"{size}: compile once per group size")
         full_len = int(args[seq_index])
-        outs = list(compiled(*args))  # Dynamo calls backends unboxed
+        local_len = -(-full_len // world_size)
+        outs = list(compiled(*args, local_len) if local_input else compiled(*args))  # Dynamo calls backends unboxed
         if not layouts:
             return outs
-        local_len = -(-full_len // world_size)
         for i, lay in layouts.items():
             length = int(lay.length.subs(symbol, full_len))
             outs[i] = collectives.strip_padding(outs[i], lay.dim, lay.inner, length, local_len, group_key)

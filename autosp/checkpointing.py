@@ -61,11 +61,12 @@ def _hint(size) -> int:
     return int(size)
 
 
-def _seq_bytes(val, symbol) -> int | None:
-    """Bytes of ``val`` when one of its dims carries the sequence, else None."""
+def _seq_bytes(val, symbols) -> int | None:
+    """Bytes of ``val`` when one of its dims carries the sequence (its size has one of ``symbols``:
+    S, and the local length's own symbol, see autosp/local_symbol.py; None: any), else None."""
     if not isinstance(val, torch.Tensor):
         return None
-    carries = any(isinstance(s, torch.SymInt) and (symbol is None or symbol in s.node.expr.free_symbols)
+    carries = any(isinstance(s, torch.SymInt) and (symbols is None or symbols & s.node.expr.free_symbols)
                   for s in val.shape)
     if not carries:
         return None
@@ -90,7 +91,7 @@ def _forward_nodes(graph, num_fwd_outputs: int) -> tuple[set, set]:
 _ALIASES = {_aten.detach.default, _aten.alias.default}
 
 
-def tag_joint_graph(gm: torch.fx.GraphModule, num_fwd_outputs: int, symbol, min_bytes: int) -> dict:
+def tag_joint_graph(gm: torch.fx.GraphModule, num_fwd_outputs: int, symbols, min_bytes: int) -> dict:
     """Tag the forward nodes of a joint graph (see the module docstring); returns counts."""
     forward, outputs = _forward_nodes(gm.graph, num_fwd_outputs)
     counts = {"must_save": 0, "recompute": 0}
@@ -119,19 +120,19 @@ def tag_joint_graph(gm: torch.fx.GraphModule, num_fwd_outputs: int, symbol, min_
             continue
         if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
             continue
-        nbytes = _seq_bytes(node.meta.get("val"), symbol)
+        nbytes = _seq_bytes(node.meta.get("val"), symbols)
         if nbytes is not None and nbytes >= min_bytes:
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             counts["recompute"] += 1
     return counts
 
 
-def selective_partition(symbol, min_bytes: int, record: list | None = None):
+def selective_partition(symbols, min_bytes: int, record: list | None = None):
     """A ``partition_fn`` for ``aot_autograd``: tag, then torch's min-cut partitioner."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     def partition(joint_module, joint_inputs, *, num_fwd_outputs, **kwargs):
-        counts = tag_joint_graph(joint_module, num_fwd_outputs, symbol, min_bytes)
+        counts = tag_joint_graph(joint_module, num_fwd_outputs, symbols, min_bytes)
         fw, bw = min_cut_rematerialization_partition(joint_module, joint_inputs,
                                                      num_fwd_outputs=num_fwd_outputs, **kwargs)
         if record is not None:
@@ -151,12 +152,12 @@ def _saved_nodes(fw) -> list:
 LAST_PARTITIONS: list = []
 
 
-def selective_backend(inner: str, symbol, min_bytes: int):
+def selective_backend(inner: str, symbols, min_bytes: int):
     """The AOTAutograd backend for ``inner`` ("aot_eager" or "inductor") with the selective
     partition function."""
     from torch._dynamo.backends.common import aot_autograd
     del LAST_PARTITIONS[:-16]
-    partition = selective_partition(symbol, min_bytes, LAST_PARTITIONS)
+    partition = selective_partition(symbols, min_bytes, LAST_PARTITIONS)
     if inner == "aot_eager":
         from torch._dynamo.backends.debugging import boxed_nop
         return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition,

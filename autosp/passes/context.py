@@ -52,6 +52,10 @@ class PassContext:
         padded = self._emit("S+P-1", operator.add, (self.seq.node, self.world_size - 1))
         return self._emit("Sl", operator.floordiv, (padded, self.world_size))
 
+    def emitted_local_len(self) -> fx.Node | None:
+        """The ceil(S/P) node if a pass asked for it (the backend gives it its own symbol)."""
+        return self._sizes.get("Sl")
+
     def padded_len(self) -> fx.Node:
         return self._emit("Sl*P", operator.mul, (self.local_len(), self.world_size))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import torch
@@ -18,6 +19,15 @@ def _fresh(backend: str):
     return fresh
 
 
+def _same_start() -> None:
+    """Both sides start from the same state: no garbage of the compile before (collected here,
+    not inside the timing) and sympy's expression cache empty (it lives across compiles in a
+    process, so the side measured second would find the first one's sizes cached)."""
+    import sympy.core.cache
+    sympy.core.cache.clear_cache()
+    gc.collect()
+
+
 def compile_times(spec, base, batch) -> dict | None:
     """Seconds to compile with the passes (autosp.compile + warm_up) and without (torch.compile),
     forward and backward each, for the named autosp impls; None for other impls."""
@@ -31,6 +41,7 @@ def compile_times(spec, base, batch) -> dict | None:
     import autosp
     with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
+        _same_start()
         model = copy.deepcopy(base)
         start, cpu = time.perf_counter(), time.process_time()
         compiled = torch.compile(model, backend=_fresh(backend), fullgraph=True)
@@ -39,6 +50,7 @@ def compile_times(spec, base, batch) -> dict | None:
         if loss.requires_grad and params:
             torch.autograd.grad(loss, params, allow_unused=True)
         without, without_cpu = time.perf_counter() - start, time.process_time() - cpu
+        _same_start()
         model = copy.deepcopy(base)
         start, cpu = time.perf_counter(), time.process_time()
         autosp.compile(model, backend=_fresh(backend)).warm_up(spec.world_size, **batch)

@@ -21,8 +21,8 @@ WORKSPACE = "temporaries"  # the category op working memory is counted in
 class Evaluator:
     """Values of a program's symbolic sizes at sequence length ``length``."""
 
-    def __init__(self, symbols, length: int, world_size: int, cache: dict):
-        self.env = {s: sympy.Integer(length) for s in symbols}
+    def __init__(self, symbols, length: int, world_size: int, cache: dict, local_lengths=None):
+        self.env = length_env(symbols, length, local_lengths)
         self.length, self.world_size, self.cache = length, world_size, cache
         self._ints: dict = {}
 
@@ -63,9 +63,18 @@ class Evaluator:
         return one(values)
 
 
+def length_env(symbols, length: int, local_lengths=None) -> dict:
+    """Each sequence symbol's value at length ``length``: S, or for autosp's local-length
+    symbol (``local_lengths``: {symbol: expression in S}) that expression's value."""
+    local_lengths = local_lengths or {}
+    env = {s: sympy.Integer(length) for s in symbols if s not in local_lengths}
+    env.update({s: sympy.Integer(int(e.xreplace(env))) for s, e in local_lengths.items()})
+    return env
+
+
 def check_guards(program: Program, length: int) -> None:
     """The graphs hold only where the trace's guards do (e.g. a lower bound on S)."""
-    env = {s: sympy.Integer(length) for s in program.symbols}
+    env = length_env(program.symbols, length, program.local_lengths)
     for guard in program.guards:
         if guard.xreplace(env) is sympy.false:
             raise ValueError(f"S={length} is outside what the traced graph covers (guard {guard})")
@@ -99,7 +108,7 @@ def evaluate(program: Program, length: int, *, exclude: tuple = (), workspace: b
         raise ValueError(f"sequence length must be at least 2, got {length}")
     check_guards(program, length)
     cache = program.meta.setdefault("_cache", {})
-    ev = Evaluator(program.symbols, length, program.meta.get("world_size", 1), cache)
+    ev = Evaluator(program.symbols, length, program.meta.get("world_size", 1), cache, program.local_lengths)
     births, deaths, cats, workspaces = _arrays(program)
     sizes = np.array([ev.int(b.nbytes) for b in program.buffers], dtype=np.int64)
     for name in exclude:

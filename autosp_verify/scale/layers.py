@@ -246,4 +246,5 @@ def extend(program: Program, path: str, traced: int, layers: int, reach: int = 1
             buffers.append(Buffer(b.name, b.nbytes, b.category, index[(b.birth, c)], death, b.shape))
     meta = {k: v for k, v in program.meta.items() if not k.startswith("_")}
     meta.update(layers_traced=traced, layers=layers)
-    return Program([program.steps[i] for i in order], buffers, program.symbols, program.guards, meta)
+    return Program([program.steps[i] for i in order], buffers, program.symbols, program.guards, meta,
+                   program.local_lengths)

@@ -59,6 +59,7 @@ class Program:
     symbols: frozenset
     guards: list
     meta: dict = field(default_factory=dict)
+    local_lengths: dict = field(default_factory=dict)  # see Trace.local_lengths
 
 
 def _expr(size):
@@ -253,4 +254,4 @@ def build_program(trace: Trace) -> Program:
         buffers.append(Buffer(st["name"], st["nbytes"], category, st["birth"], death, st["shape"]))
     return Program(b.steps, buffers, trace.symbols, trace.guards,
                    {"impl": trace.impl, "world_size": trace.world_size, "checkpointing": trace.checkpointing,
-                    **trace.meta})
+                    **trace.meta}, trace.local_lengths)

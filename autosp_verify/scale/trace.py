@@ -41,13 +41,15 @@ class Captured:
 class Trace:
     """What the memory program is built from (see program.py)."""
     graphs: Captured
-    symbols: frozenset  # the sequence-length symbols (all stand for S)
+    symbols: frozenset  # the sequence-length symbols (each stands for S, or for local_lengths' value)
     guards: list  # sympy conditions the graphs were specialised under
     world_size: int
     impl: str
     checkpointing: str | None
     layers_traced: int | None = None  # None: the model as given
     meta: dict = field(default_factory=dict)
+    # {symbol: its value in S}: autosp's local length ceil(S/P) has a symbol of its own
+    local_lengths: dict = field(default_factory=dict)
 
 
 class CaptureBackend:
@@ -173,6 +175,22 @@ def _sequence_symbols(captured: Captured) -> frozenset:
     return frozenset(symbols)
 
 
+def _shape_env(captured: Captured):
+    for node in captured.fw.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        for s in [val] if isinstance(val, torch.SymInt) else list(getattr(val, "shape", ())):
+            if isinstance(s, torch.SymInt):
+                return s.node.shape_env
+    return None
+
+
+def _local_lengths(captured: Captured, symbols) -> dict:
+    """{symbol: expression in S} for the sequence symbols that stand for autosp's local length."""
+    from autosp.local_symbol import stands_for
+    env = _shape_env(captured)
+    return {s: e for s, e in stands_for(env).items() if s in symbols} if env is not None else {}
+
+
 def _guards(captured: Captured) -> list:
     for node in captured.fw.graph.nodes:
         val = node.meta.get("val")
@@ -208,6 +226,7 @@ def trace_step(model_fn, inputs_fn, *, impl: str = "autosp", world_size: int = 1
         compiled_step(model, impl, backend, block_elements)(**inputs)
     captured = backend.last()
     torch._dynamo.reset()
-    return Trace(captured, _sequence_symbols(captured), _guards(captured), world_size, impl, checkpointing,
+    symbols = _sequence_symbols(captured)
+    return Trace(captured, symbols, _guards(captured), world_size, impl, checkpointing,
                  layers, {"batch": batch, "dtype": str(dtype).removeprefix("torch."), "trace_len": length,
-                          "block_elements": block_elements})
+                          "block_elements": block_elements}, _local_lengths(captured, symbols))

@@ -19,8 +19,8 @@ import torch
 from autosp_verify.peak import PeakMemory
 from autosp_verify.scale.evaluate import Evaluator, evaluate
 from autosp_verify.scale.program import Program
-from autosp_verify.scale.trace import (CaptureBackend, Trace, _guards, _sequence_symbols, compiled_step,
-                                       fake_world)
+from autosp_verify.scale.trace import (CaptureBackend, Trace, _guards, _local_lengths, _sequence_symbols,
+                                       compiled_step, fake_world)
 
 
 @dataclass
@@ -61,14 +61,16 @@ def measure(model_fn, inputs_fn, *, impl: str, world_size: int, seq_len: int, ba
         del loss
     captured = backend.last()
     torch._dynamo.reset()
-    trace = Trace(captured, _sequence_symbols(captured), _guards(captured), world_size, impl, checkpointing,
-                  None, {"batch": batch, "dtype": str(dtype).removeprefix("torch."), "block_elements": block_elements})
+    symbols = _sequence_symbols(captured)
+    trace = Trace(captured, symbols, _guards(captured), world_size, impl, checkpointing,
+                  None, {"batch": batch, "dtype": str(dtype).removeprefix("torch."), "block_elements": block_elements},
+                  _local_lengths(captured, symbols))
     return Measurement(peak.bytes, trace)
 
 
 def predicted_peak(program: Program, seq_len: int, **kwargs) -> int:
     """The program's peak above what is live when the step starts (the caller's inputs): the
     quantity ``measure`` reads. ``kwargs`` go to ``evaluate`` (the negative controls)."""
-    ev = Evaluator(program.symbols, seq_len, 1, {})
+    ev = Evaluator(program.symbols, seq_len, 1, {}, program.local_lengths)
     inputs = sum(ev.int(b.nbytes) for b in program.buffers if b.birth == 0)
     return evaluate(program, seq_len, **kwargs).total - inputs
