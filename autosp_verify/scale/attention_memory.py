@@ -167,11 +167,10 @@ def backward_bytes(args: dict, cache: dict) -> int:
     half = q.dtype in (torch.float16, torch.bfloat16)
     w = _work_size(q.dtype)
     qkv = q.numel() + k.numel() + v.numel()
-    casts = (qkv + 2 * grad.numel()) * w if half else 0  # q, k, v, grad and out in float32
+    casts = (qkv + grad.numel()) * w if half else 0  # q, k, v and grad in float32 (delta is an input)
     grads32 = qkv * w
-    delta = grad.numel() // grad.shape[-1] * w
-    loop = max(_backward_loop(_Sizes(args, cache)), grad.numel() * w)  # grad * out, before delta
+    loop = _backward_loop(_Sizes(args, cache))
     outputs = qkv * q.element_size()
     if half:
-        return casts + grads32 + delta + max(loop, outputs) - outputs
-    return delta + loop
+        return casts + grads32 + max(loop, outputs) - outputs
+    return loop

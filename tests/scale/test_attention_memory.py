@@ -48,11 +48,12 @@ def _run(batch, heads, kv_heads, seq_len, head_dim, dtype, block, gqa):
         out, lse = torch.ops.autosp.masked_attention(q, k, v, leaves, program, seq_len, head_dim ** -0.5, gqa, block, "", 0)
     forward = peak.bytes - _bytes(out, lse)
     grad = torch.randn_like(out)
+    delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), made by the autograd formula
     with one_thread(), PeakMemory() as peak:
-        grads = torch.ops.autosp.masked_attention_backward(grad, q, k, v, out, lse, leaves, program, seq_len,
+        grads = torch.ops.autosp.masked_attention_backward(grad, q, k, v, delta, lse, leaves, program, seq_len,
                                                            head_dim ** -0.5, gqa, block, "", 0)
     backward = peak.bytes - _bytes(*grads)
-    return forward, backward, _meta({**args, "grad": grad, "out": out, "lse": lse})
+    return forward, backward, _meta({**args, "grad": grad, "delta": delta, "lse": lse})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}S{c[3]}-{str(c[5])[6:]}-blk{c[6]}")
