@@ -209,7 +209,16 @@ def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
     shape = list(x.shape)
     shape[head_dim] = num_heads
     shape[seq_dim] = shape[seq_dim] // u
-    return _sequence_major(x.new_empty(shape), seq_dim, head_dim)
+    order = _swap(len(shape), seq_dim, head_dim)  # as _sequence_major lays it out, made directly
+    return x.new_empty([shape[i] for i in order]).permute(order)
+
+
+def _swap(ndim: int, seq_dim: int, head_dim: int) -> list[int]:
+    """The dim order with the sequence before the heads (a swap: its own inverse)."""
+    order = list(range(ndim))
+    if head_dim < seq_dim:
+        order[head_dim], order[seq_dim] = seq_dim, head_dim
+    return order
 
 
 def _sequence_major(x: Tensor, seq_dim: int, head_dim: int) -> Tensor:
@@ -217,10 +226,7 @@ def _sequence_major(x: Tensor, seq_dim: int, head_dim: int) -> Tensor:
     [B, H, S, D] view, as CUDA's flash attention returns it): the usual ``transpose(1, 2)`` +
     reshape to [B, S, H*D] after attention is then a view, so the attention output is held once,
     not once here and again as the projection's input."""
-    if head_dim > seq_dim:
-        return x.contiguous()
-    order = list(range(x.dim()))
-    order[head_dim], order[seq_dim] = seq_dim, head_dim  # a swap: its own inverse
+    order = _swap(x.dim(), seq_dim, head_dim)
     return x.permute(order).contiguous().permute(order)
 
 
