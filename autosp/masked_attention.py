@@ -300,17 +300,16 @@ def _(grad, q, k, v, delta, lse, leaves, program, length, scale, enable_gqa, blo
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, leaves, *args = inputs
-    ctx.delta_from_grad = len(args) > 7 and args[7]
+    q, k, v, leaves, *args, ctx.delta_from_grad = inputs  # inputs hold every argument, defaults too
     out = () if ctx.delta_from_grad else (output[0],)
-    ctx.save_for_backward(q, k, v, output[1], *out, *leaves)
+    ctx.save_for_backward(q, k, v, output[1], *leaves, *out)
     ctx.leaves = len(leaves)
-    ctx.args = tuple(args[:7])  # program, length, scale, enable_gqa, block_elements, group, ulysses
+    ctx.args = tuple(args)  # program, length, scale, enable_gqa, block_elements, group, ulysses
 
 
 def _backward(ctx, grad, grad_lse):
     q, k, v, lse, *rest = ctx.saved_tensors
-    leaves = rest[len(rest) - ctx.leaves:]
+    leaves = rest[:ctx.leaves]
     if ctx.delta_from_grad:
         if grad_lse is None:
             raise AutoSPError("autosp::masked_attention(lse_grad_is_delta=True): no rowsum(dO * O) arrived as "
@@ -318,7 +317,7 @@ def _backward(ctx, grad, grad_lse):
         delta = grad_lse
     else:
         work = lse.dtype
-        delta = (grad.to(work) * rest[0].to(work)).sum(-1)
+        delta = (grad.to(work) * rest[-1].to(work)).sum(-1)
     dq, dk, dv = masked_attention_backward(grad, q, k, v, delta, lse, leaves, *ctx.args)
     # torch drops a trailing argument equal to its default from the call: no gradient slot for it
     return (dq, dk, dv, [None] * len(leaves)) + (None,) * (len(ctx.args) + ctx.delta_from_grad)
