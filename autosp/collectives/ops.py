@@ -158,14 +158,20 @@ def _all_to_all(x: Tensor, group: str, kind: str = "all_to_all", peers: list[int
 
 
 @torch.library.custom_op("autosp::seq_to_head", mutates_args=())
-def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: int, ulysses: int = 0) -> Tensor:
+def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: int, ulysses: int = 0,
+                repeats: int = 1) -> Tensor:
     """[.., H, .., S/P, ..] -> [.., ceil(H/U), .., U*S/P, ..]: gather the sequence of this rank's
     Ulysses block (U = ``ulysses``, default the world size: the whole sequence), scatter the heads.
 
     Heads are padded with zeros up to a multiple of U (attention is independent per head, so zero
-    heads never touch real ones; head_to_seq drops them again).
+    heads never touch real ones; head_to_seq drops them again). ``repeats`` > 1: each head is sent
+    that many times in a row (H becomes H * repeats: grouped kv heads for more ranks than there
+    are of them), as ``repeat_interleave`` would make them; in the op, not in the graph, because
+    the compile traces every graph op at a cost (the backward sums the copies' gradients).
     """
     u = ulysses or world_size
+    if repeats > 1:
+        x = x.repeat_interleave(repeats, dim=head_dim)
     canon = x.movedim((head_dim, seq_dim), (0, 1))
     heads, local_len = canon.shape[0], canon.shape[1]
     per_rank = -(-heads // u)
@@ -180,10 +186,10 @@ def seq_to_head(x: Tensor, seq_dim: int, head_dim: int, group: str, world_size: 
 
 
 @seq_to_head.register_fake
-def _(x, seq_dim, head_dim, group, world_size, ulysses=0):
+def _(x, seq_dim, head_dim, group, world_size, ulysses=0, repeats=1):
     u = ulysses or world_size
     shape = list(x.shape)
-    shape[head_dim] = -(-shape[head_dim] // u)
+    shape[head_dim] = -(-shape[head_dim] * repeats // u)
     shape[seq_dim] = shape[seq_dim] * u
     return x.new_empty(shape)
 
@@ -232,13 +238,16 @@ def _sequence_major(x: Tensor, seq_dim: int, head_dim: int) -> Tensor:
 
 def _s2h_setup(ctx, inputs, output):
     x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, *rest = inputs
-    ctx.ulysses = rest[0] if rest else 0
+    ctx.ulysses, ctx.repeats = (list(rest) + [0, 1][len(rest):])[:2]
     ctx.num_heads = x.shape[ctx.head_dim]
 
 
 def _s2h_backward(ctx, grad):
-    return (head_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.group, ctx.world_size, ctx.ulysses),
-            None, None, None, None, None)
+    r, heads = ctx.repeats, ctx.num_heads
+    full = head_to_seq(grad, ctx.seq_dim, ctx.head_dim, heads * r, ctx.group, ctx.world_size, ctx.ulysses)
+    if r > 1:
+        full = full.unflatten(ctx.head_dim, (heads, r)).sum(ctx.head_dim % full.dim() + 1)
+    return (full,) + (None,) * 6
 
 
 def _h2s_setup(ctx, inputs, output):

@@ -158,14 +158,13 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
     U, R = sp_degrees(num_heads, world, None, kv_heads if grouped else num_heads)
     # grouped kv heads must land on the rank of their query heads: the passes' policy
     repeats, enable_gqa = kv_repeats(num_heads, kv_heads, U, grouped)
-    if repeats > 1:
-        key, value = (t.repeat_interleave(repeats, dim=1) for t in (key, value))
     if (ctx.causal_hint and attn_mask is None and not is_causal and layout.local_len == 1
             and layout.length > 1):
         is_causal = True  # HF decides "causal" from the query length, which is the local one here
     gkey = collectives.group_key(ctx.group)
     block = (U,) if R > 1 else ()
-    q, k, v = (collectives.seq_to_head(t, 2, 1, gkey, world, *block) for t in (query, key, value))
+    q = collectives.seq_to_head(query, 2, 1, gkey, world, *block)
+    k, v = (collectives.seq_to_head(t, 2, 1, gkey, world, U if R > 1 else 0, repeats) for t in (key, value))
     if R > 1:
         if dropout_p:
             raise AutoSPError(f"{ctx.name}: attention dropout {dropout_p} with {num_heads} query heads over "

@@ -100,10 +100,12 @@ def _rewrite(ctx, node) -> None:
     dropout = call_arg(node, 4, "dropout_p", 0.0)
     block = (U,) if R > 1 else ()  # the all-to-alls' Ulysses degree, when it is not the whole group
     with g.inserting_before(node):
-        if repeats > 1:
-            k, v = (g.call_method("repeat_interleave", (t, repeats), {"dim": head_dim}) for t in (k, v))
+        kv_args = block
+        if repeats > 1:  # each kv head repeated inside the all-to-all, not by graph ops (compile time)
+            kv_args = (U if R > 1 else 0, repeats)
             ctx.counters["kv_repeat"] += 1
-        q2, k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P, *block)) for t in (q, k, v))
+        q2 = g.call_function(S2H, (q, seq_dim, head_dim, ctx.group, P, *block))
+        k2, v2 = (g.call_function(S2H, (t, seq_dim, head_dim, ctx.group, P, *kv_args)) for t in (k, v))
         for t in (q2, k2, v2):  # messages about the all-to-alls point at the attention call
             t.meta["stack_trace"] = node.meta.get("stack_trace")
         if R == 1:  # one block's heads over the whole sequence; with R > 1 nothing one device holds

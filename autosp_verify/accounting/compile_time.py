@@ -20,17 +20,22 @@ def _fresh(backend: str):
 
 
 def _same_start() -> None:
-    """Both sides start from the same state: no garbage of the compile before (collected here,
-    not inside the timing) and sympy's expression cache empty (it lives across compiles in a
-    process, so the side measured second would find the first one's sizes cached)."""
+    """Both sides start from the same state: Dynamo reset (its caches and the entries of every
+    compile before: otherwise each compile starts with more of them, and a later side pays for
+    them; models compiled earlier in the process compile again on their next call), no garbage
+    of the compile before (collected here, not inside the timing) and sympy's expression cache
+    empty (it lives across compiles in a process, so the side measured second would find the
+    first one's sizes cached)."""
     import sympy.core.cache
+    torch._dynamo.reset()
     sympy.core.cache.clear_cache()
     gc.collect()
 
 
-def compile_times(spec, base, batch) -> dict | None:
+def compile_times(spec, base, batch, plain_first: bool = True) -> dict | None:
     """Seconds to compile with the passes (autosp.compile + warm_up) and without (torch.compile),
-    forward and backward each, for the named autosp impls; None for other impls."""
+    forward and backward each, for the named autosp impls; None for other impls. ``plain_first``:
+    which side is measured first (alternate it over repeats: a process's state drifts)."""
     from autosp_verify.impls import _AUTOSP_IMPLS
     backend = {"autosp": "aot_eager", "autosp-eager": "eager", "autosp-inductor": "inductor"}.get(spec.impl)
     if not isinstance(spec.impl, str) or spec.impl not in _AUTOSP_IMPLS or backend is None:
@@ -38,22 +43,27 @@ def compile_times(spec, base, batch) -> dict | None:
     import torch._functorch.config
     import torch._inductor.config
 
-    import autosp
     with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        _same_start()
-        model = copy.deepcopy(base)
-        start, cpu = time.perf_counter(), time.process_time()
+        times = {side: _timed(side, spec, base, batch, backend)
+                 for side in (("plain", "autosp") if plain_first else ("autosp", "plain"))}
+    (without, without_cpu), (with_passes, with_cpu) = times["plain"], times["autosp"]
+    return {"with_passes": with_passes, "without": without, "with_passes_cpu": with_cpu, "without_cpu": without_cpu,
+            "backend": backend}
+
+
+def _timed(side: str, spec, base, batch, backend: str) -> tuple[float, float]:
+    """(wall s, this process's CPU s) of one side's compile plus one forward and backward."""
+    import autosp
+    _same_start()
+    model = copy.deepcopy(base)
+    start, cpu = time.perf_counter(), time.process_time()
+    if side == "autosp":
+        autosp.compile(model, backend=_fresh(backend)).warm_up(spec.world_size, **batch)
+    else:
         compiled = torch.compile(model, backend=_fresh(backend), fullgraph=True)
         loss, _ = split_output(compiled(**_mark_sequence(batch, spec.seq_len)))
         params = [p for p in model.parameters() if p.requires_grad]
         if loss.requires_grad and params:
             torch.autograd.grad(loss, params, allow_unused=True)
-        without, without_cpu = time.perf_counter() - start, time.process_time() - cpu
-        _same_start()
-        model = copy.deepcopy(base)
-        start, cpu = time.perf_counter(), time.process_time()
-        autosp.compile(model, backend=_fresh(backend)).warm_up(spec.world_size, **batch)
-        with_passes, with_cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"with_passes": with_passes, "without": without, "with_passes_cpu": with_cpu, "without_cpu": without_cpu,
-            "backend": backend}
+    return time.perf_counter() - start, time.process_time() - cpu
