@@ -4,7 +4,9 @@ Full values (input ids, shifted labels, positions, rotary tables) are computed a
 on each edge into an op whose result is sharded, this pass inserts ``autosp::shard``, which takes
 this rank's chunk at run time (padded past the end: with ``ignore_index`` for loss targets, so
 padding never reaches the loss). Because labels are sharded where they meet the logits, after
-any shift the model applied, every shard boundary is exact.
+any shift the model applied, every shard boundary is exact. A value is sharded once: identical
+views of one value (HF unsqueezes the rotary tables again in every layer) share one shard, and
+the views left unread are erased (each graph op costs compile time, and a shard a copy).
 
 Invariant after: no op with a sharded result reads a full value carrying the sequence, except
 the attention mask, which attention consumes whole.
@@ -14,10 +16,24 @@ from __future__ import annotations
 import torch
 
 from autosp.passes.layout import FULL, RULE, SHARDED, SeqLayout, call_arg, is_sharded, layout_of
+from autosp.passes.ops import is_relayout, is_view
 
 
 def _consumes_shards(node) -> bool:
     return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum") or is_sharded(layout_of(node))
+
+
+def _same_value(node):
+    """A key equal for nodes that compute the same value: a view or relayout's op and arguments
+    (deterministic, and its inputs are nodes or constants), else the node itself."""
+    if node.op in ("call_method", "call_function") and (is_view(node) or is_relayout(node)):
+        key = (node.op, node.target, node.args, tuple(node.kwargs.items()))
+        try:
+            hash(key)
+            return key
+        except TypeError:
+            pass
+    return node
 
 
 def shard_inputs(ctx) -> None:
@@ -34,7 +50,7 @@ def shard_inputs(ctx) -> None:
             if src in keep_full or isinstance(lay, tuple) or lay.state != FULL or lay.dim is None:
                 continue
             pad = float(call_arg(node, 4, "ignore_index", -100)) if src is target else pad_value
-            key = (src, pad)
+            key = (_same_value(src), pad)
             if key not in cache:
                 length, local_len = ctx.full_size(lay.length), ctx.local_len()
                 with ctx.inserting_after(src):
@@ -43,3 +59,6 @@ def shard_inputs(ctx) -> None:
                 ctx.set_layout(cache[key], SeqLayout(SHARDED, lay.dim, lay.inner, lay.length))
                 ctx.counters["shard"] += 1
             node.replace_input_with(src, cache[key])
+            if not src.users and cache[key].args[0] is not src:  # a copy of the view sharded before
+                ctx.graph.erase_node(src)
+                ctx.counters["shard_shared"] += 1
