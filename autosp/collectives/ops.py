@@ -215,8 +215,12 @@ def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
     shape = list(x.shape)
     shape[head_dim] = num_heads
     shape[seq_dim] = shape[seq_dim] // u
-    order = _swap(len(shape), seq_dim, head_dim)  # as _sequence_major lays it out, made directly
-    return x.new_empty([shape[i] for i in order]).permute(order)
+    # as _sequence_major lays it out, made in one op (a permute of a new tensor costs 3x as much
+    # to trace with a symbolic sequence, and the compile traces this for every attention)
+    strides, step = [0] * len(shape), 1
+    for d in reversed(_swap(len(shape), seq_dim, head_dim)):
+        strides[d], step = step, step * shape[d]
+    return x.new_empty_strided(shape, strides)
 
 
 def _swap(ndim: int, seq_dim: int, head_dim: int) -> list[int]:
@@ -237,8 +241,7 @@ def _sequence_major(x: Tensor, seq_dim: int, head_dim: int) -> Tensor:
 
 
 def _s2h_setup(ctx, inputs, output):
-    x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, *rest = inputs
-    ctx.ulysses, ctx.repeats = (list(rest) + [0, 1][len(rest):])[:2]
+    x, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses, ctx.repeats = inputs  # defaults filled in
     ctx.num_heads = x.shape[ctx.head_dim]
 
 
