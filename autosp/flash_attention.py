@@ -53,13 +53,26 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[1])
 
 
+@torch.library.custom_op("autosp::cpu_flash_attention_backward", mutates_args=())
+def cpu_flash_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+                                 is_causal: bool, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from torch's backward kernel, handed the stand-in output. One op, so that a
+    compiled backward traces one node here, as it does for torch's attention, not each of the
+    stand-in's ops."""
+    return _FLASH_BACKWARD(grad, q, k, v, _standin_output(grad, delta), lse, 0.0, is_causal, scale=scale)
+
+
+@cpu_flash_attention_backward.register_fake
+def _(grad, q, k, v, lse, delta, is_causal, scale):
+    return _FLASH_BACKWARD(grad, q, k, v, grad, lse, 0.0, is_causal, scale=scale)  # shapes only: grad as the output
+
+
 def _backward(ctx, grad, delta):
     if delta is None:
         raise AutoSPError("autosp::cpu_flash_attention: no rowsum(dO * O) arrived as its log-sum-exp's "
                           "gradient; its output must go to autosp::attention_to_seq")
     q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = _FLASH_BACKWARD(grad, q, k, v, _standin_output(grad, delta), lse, 0.0, ctx.is_causal,
-                                 scale=ctx.scale)
+    dq, dk, dv = cpu_flash_attention_backward(grad, q, k, v, lse, delta, ctx.is_causal, ctx.scale)
     return dq, dk, dv, None, None
 
 

@@ -297,16 +297,31 @@ def _a2s_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _a2s_backward(ctx, grad):
-    out, = ctx.saved_tensors
-    work = ctx.delta_dtype  # the attention's accumulation dtype (float32 for half precision)
+@torch.library.custom_op("autosp::attention_to_seq_backward", mutates_args=())
+def attention_to_seq_backward(grad: Tensor, out: Tensor, work: torch.dtype, seq_dim: int, head_dim: int, group: str,
+                              world_size: int, ulysses: int = 0) -> tuple[Tensor, Tensor]:
+    """attention_to_seq's backward: (dO, D) by head, D = rowsum(dO * O) in ``work`` (the attention's
+    accumulation dtype: float32 for half precision). One op, so that a compiled backward traces
+    one node here, not each op of the packing."""
     delta = (grad.to(work) * out.to(work)).sum(-1, keepdim=True)
     ratio = work.itemsize // grad.dtype.itemsize  # D travels bitwise in grad's dtype, beside dO
     packed = torch.cat([grad, delta.view(grad.dtype)], -1)
-    full = seq_to_head(packed, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses)
+    full = seq_to_head(packed, seq_dim, head_dim, group, world_size, ulysses)
     d = grad.shape[-1]
-    delta_heads = full[..., d:d + ratio].contiguous().view(work).squeeze(-1)
-    return (full[..., :d], delta_heads) + (None,) * 6
+    return full[..., :d].contiguous(), full[..., d:d + ratio].contiguous().view(work).squeeze(-1)
+
+
+@attention_to_seq_backward.register_fake
+def _(grad, out, work, seq_dim, head_dim, group, world_size, ulysses=0):
+    heads = seq_to_head(grad, seq_dim, head_dim, group, world_size, ulysses)
+    return heads, heads.new_empty(heads.shape[:-1], dtype=work)
+
+
+def _a2s_backward(ctx, grad):
+    out, = ctx.saved_tensors
+    dout, delta = attention_to_seq_backward(grad, out, ctx.delta_dtype, ctx.seq_dim, ctx.head_dim, ctx.group,
+                                            ctx.world_size, ctx.ulysses)
+    return (dout, delta) + (None,) * 6
 
 
 attention_to_seq.register_autograd(_a2s_backward, setup_context=_a2s_setup)

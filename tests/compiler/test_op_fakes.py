@@ -1,7 +1,7 @@
-"""The fake (shape-only) implementation of each autosp collective makes what the op makes: the
-same shape and the same strides (the compile plans memory and views from the fake; the sequence-
-major output of head_to_seq is made in one op there). Run on a fake process group: the values
-are meaningless, the layouts are the op's."""
+"""The fake (shape-only) implementations of autosp's collectives and of its attention backward make
+what the op makes: the same shapes, strides and dtypes (the compile plans memory and views from
+the fakes; head_to_seq's sequence-major output is made in one op there). Run on a fake process
+group: the values are meaningless, the layouts are the op's."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autosp import collectives as C
+from autosp import flash_attention
+from autosp.collectives import ops
 
 P = 4
 # (x's shape, seq_dim, head_dim, heads after head_to_seq, ulysses, kv repeats)
@@ -33,7 +35,9 @@ def _same_layout(op, *args):
     real = op(*args)
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-    assert (tuple(fake.shape), fake.stride()) == (tuple(real.shape), real.stride()), op
+    pairs = [(f, r) for f, r in zip(*(v if isinstance(v, tuple) else (v,) for v in (fake, real)))]
+    assert [(tuple(f.shape), f.stride(), f.dtype) for f, _ in pairs] == \
+        [(tuple(r.shape), r.stride(), r.dtype) for _, r in pairs], op
     return real
 
 
@@ -45,6 +49,24 @@ def test_each_fake_makes_the_real_layout(group, shape, seq_dim, head_dim, heads,
     assert out.shape[seq_dim] == shape[seq_dim] and out.shape[head_dim] == heads
     lse = torch.randn([n for d, n in enumerate(by_head.shape) if d != by_head.dim() - 1])
     _same_layout(C.attention_to_seq, by_head, lse, seq_dim, head_dim, heads, group, P, ulysses)
+    _same_layout(ops.attention_to_seq_backward, out, torch.randn(out.shape), torch.float32, seq_dim, head_dim,
+                 group, P, ulysses)
+    _same_layout(ops.attention_to_seq_backward, out.bfloat16(), out.bfloat16(), torch.float32, seq_dim, head_dim,
+                 group, P, ulysses)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_the_flash_backward_fake_makes_the_real_layout(kv_heads, is_causal):
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, kv_heads, 16, 8), torch.randn(2, kv_heads, 16, 8)
+    out, lse = flash_attention.cpu_flash_attention(q, k, v, is_causal, None)
+    grad = torch.randn(out.shape)
+    delta = (grad * out).sum(-1)
+    real = flash_attention.cpu_flash_attention_backward(grad, q, k, v, lse, delta, is_causal, None)
+    with FakeTensorMode() as mode:
+        fake = flash_attention.cpu_flash_attention_backward(*map(mode.from_tensor, (grad, q, k, v, lse, delta)),
+                                                            is_causal, None)
+    assert [(t.shape, t.stride()) for t in fake] == [(t.shape, t.stride()) for t in real]
 
 
 def test_negative_control_a_contiguous_output_is_told_apart(group):
