@@ -196,8 +196,10 @@ def _(x, seq_dim, head_dim, group, world_size, ulysses=0, repeats=1):
 
 @torch.library.custom_op("autosp::head_to_seq", mutates_args=())
 def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: str,
-                world_size: int, ulysses: int = 0) -> Tensor:
-    """Inverse of seq_to_head: [.., ceil(H/U), .., U*S/P, ..] -> [.., H, .., S/P, ..]."""
+                world_size: int, ulysses: int = 0, repeats: int = 1) -> Tensor:
+    """Inverse of seq_to_head: [.., ceil(H/U), .., U*S/P, ..] -> [.., H, .., S/P, ..]. ``repeats`` > 1:
+    the heads arrive as seq_to_head sent them, each ``repeats`` times in a row, and each run is
+    summed into one head (H = ``num_heads`` distinct ones): seq_to_head's gradient."""
     u = ulysses or world_size
     canon = x.movedim((head_dim, seq_dim), (0, 1))
     per_rank, block_len = canon.shape[0], canon.shape[1]
@@ -205,12 +207,14 @@ def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: s
     chunks = canon.reshape(per_rank, u, local_len, *canon.shape[2:]).transpose(0, 1)
     peers = ulysses_peers(_rank(group), world_size, u)
     received = _all_to_all(chunks, group, peers=peers)  # [source rank, its heads, my S/P, ...]
-    heads = received.reshape(u * per_rank, local_len, *canon.shape[2:])[:num_heads]
+    heads = received.reshape(u * per_rank, local_len, *canon.shape[2:])[:num_heads * repeats]
+    if repeats > 1:
+        heads = heads.unflatten(0, (num_heads, repeats)).sum(1)
     return _sequence_major(heads.movedim((0, 1), (head_dim, seq_dim)), seq_dim, head_dim)
 
 
 @head_to_seq.register_fake
-def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0):
+def _(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0, repeats=1):
     u = ulysses or world_size
     shape = list(x.shape)
     shape[head_dim] = num_heads
@@ -246,21 +250,18 @@ def _s2h_setup(ctx, inputs, output):
 
 
 def _s2h_backward(ctx, grad):
-    r, heads = ctx.repeats, ctx.num_heads
-    full = head_to_seq(grad, ctx.seq_dim, ctx.head_dim, heads * r, ctx.group, ctx.world_size, ctx.ulysses)
-    if r > 1:
-        full = full.unflatten(ctx.head_dim, (heads, r)).sum(ctx.head_dim % full.dim() + 1)
+    full = head_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.group, ctx.world_size, ctx.ulysses,
+                       ctx.repeats)
     return (full,) + (None,) * 6
 
 
 def _h2s_setup(ctx, inputs, output):
-    _, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size, *rest = inputs
-    ctx.ulysses = rest[0] if rest else 0
+    _, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size, ctx.ulysses, ctx.repeats = inputs  # defaults filled in
 
 
 def _h2s_backward(ctx, grad):
-    full = seq_to_head(grad, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses)
-    return full, None, None, None, None, None, None
+    full = seq_to_head(grad, ctx.seq_dim, ctx.head_dim, ctx.group, ctx.world_size, ctx.ulysses, ctx.repeats)
+    return (full,) + (None,) * 7
 
 
 seq_to_head.register_autograd(_s2h_backward, setup_context=_s2h_setup)

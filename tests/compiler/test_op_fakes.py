@@ -47,6 +47,9 @@ def test_each_fake_makes_the_real_layout(group, shape, seq_dim, head_dim, heads,
     by_head = _same_layout(C.seq_to_head, x, seq_dim, head_dim, group, P, ulysses, repeats)
     out = _same_layout(C.head_to_seq, by_head, seq_dim, head_dim, heads, group, P, ulysses)
     assert out.shape[seq_dim] == shape[seq_dim] and out.shape[head_dim] == heads
+    if repeats > 1:  # the runs of repeated heads summed back into one each: seq_to_head's gradient
+        back = _same_layout(C.head_to_seq, by_head, seq_dim, head_dim, shape[head_dim], group, P, ulysses, repeats)
+        assert back.shape == x.shape
     lse = torch.randn([n for d, n in enumerate(by_head.shape) if d != by_head.dim() - 1])
     _same_layout(C.attention_to_seq, by_head, lse, seq_dim, head_dim, heads, group, P, ulysses)
     _same_layout(ops.attention_to_seq_backward, out, torch.randn(out.shape), torch.float32, seq_dim, head_dim,
