@@ -62,8 +62,9 @@ Compile time (``compile_s``, opt-in: ``compile_time=True`` / ``--compile-time``)
     Seconds for ``autosp.compile(model, backend=X).warm_up(P, **batch)`` (Dynamo, the passes,
     AOTAutograd and X, and one forward and backward on a fake process group) against
     ``torch.compile(model, backend=X, fullgraph=True)`` plus one forward and backward on the full
-    batch on one device; fresh model copies and fresh backend objects (no Dynamo cache entry
-    applies), FX-graph and AOTAutograd caches off, sequence dim dynamic in both. Wall seconds, and
+    batch on one device; fresh model copies and fresh backend objects, ``torch._dynamo.reset()``
+    before each side (so models compiled earlier in the process compile again on their next
+    call), FX-graph and AOTAutograd caches off, sequence dim dynamic in both. Wall seconds, and
     this process's CPU seconds (``*_cpu``: steadier on a loaded machine; Inductor's compile
     workers are other processes and not in it). The table shows wall seconds.
 """
