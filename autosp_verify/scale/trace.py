@@ -176,6 +176,7 @@ def _sequence_symbols(captured: Captured) -> frozenset:
 
 
 def _shape_env(captured: Captured):
+    """The ShapeEnv of the forward's symbolic sizes (None: no symbolic input)."""
     for node in captured.fw.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         for s in [val] if isinstance(val, torch.SymInt) else list(getattr(val, "shape", ())):
@@ -192,13 +193,8 @@ def _local_lengths(captured: Captured, symbols) -> dict:
 
 
 def _guards(captured: Captured) -> list:
-    for node in captured.fw.graph.nodes:
-        val = node.meta.get("val")
-        sizes = [val] if isinstance(val, torch.SymInt) else list(getattr(val, "shape", ()))
-        for s in sizes:
-            if isinstance(s, torch.SymInt):
-                return [g.expr for g in s.node.shape_env.guards]
-    return []
+    env = _shape_env(captured)
+    return [g.expr for g in env.guards] if env is not None else []
 
 
 def trace_step(model_fn, inputs_fn, *, impl: str = "autosp", world_size: int = 1, batch: int = 1,
