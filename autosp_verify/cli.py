@@ -141,7 +141,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="also estimate per-rank activation memory against one "
                    "device (runs every case once more, P positions longer)")
     p.add_argument("--compile-time", action="store_true", help="also time compiling with and without the passes "
-                   "(autosp impls; one more compile of each per case)")
+                   "(autosp impls; three pairs of compiles per case, the ratio their median)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (the table and verdict only)")
     p.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/accounting.png (implies --memory)")
     return p

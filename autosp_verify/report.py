@@ -113,7 +113,7 @@ def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:
         cells.append("-" if mem.get("ratio") is None else f"{mem['ratio']:.2f} ({1 / c.world_size:.2f}){squared}")
     if compile_column:
         times = acc.get("compile_s")
-        cells.append("-" if not times else f"{times['with_passes']:.1f} ({times['without']:.1f})")
+        cells.append("-" if not times else f"{times['with_passes']:.1f} ({times['without']:.1f}) {times['ratio']:.2f}x")
     return tuple(cells)
 
 

@@ -69,20 +69,32 @@ def table(title: str, header: list, rows: list, notes: list = ()) -> str:
 
 # --- compile time ---------------------------------------------------------------------------------
 
-COMPILE_MODELS = ("hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3_packed", "hf_olmo2_padded", "hf_llama@4")
+# name -> (fixture, config overrides). The fixtures' heads are 4 wide (the attention output kept
+# twice); "head_dim 64" is hf_llama's config at a real model's head width (kept once: the path
+# real models take, see SPConfig.attention_output).
+COMPILE_MODELS = {
+    "hf_llama": ("hf_llama", {}),
+    "hf_mistral": ("hf_mistral", {}),
+    "hf_qwen2": ("hf_qwen2", {}),
+    "hf_qwen3_packed": ("hf_qwen3_packed", {}),
+    "hf_olmo2_padded": ("hf_olmo2_padded", {}),
+    "hf_llama@4": ("hf_llama", {"num_hidden_layers": 4}),
+    "hf_llama head_dim 64": ("hf_llama", {"hidden_size": 512, "intermediate_size": 1024}),
+}
+QUICK_COMPILE_MODELS = ("hf_llama", "hf_llama@4", "hf_llama head_dim 64")
 
 
 def _compile_model(name: str):
-    """(path, model_fn, inputs_fn) of a fixture; ``name@N``: its config with N layers."""
+    """(path, model_fn, inputs_fn) of a COMPILE_MODELS entry: the fixture, its config overridden."""
     from autosp_verify.core import model_functions
-    fixture, _, layers = name.partition("@")
+    fixture, overrides = COMPILE_MODELS[name]
     path = os.path.join(ROOT, "fixtures", f"{fixture}.py")
     model_fn, inputs_fn = model_functions(path)
-    if layers:
-        def deeper():
+    if overrides:
+        def overridden():
             model = model_fn()
-            return type(model)(type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": int(layers)}))
-        return path, deeper, inputs_fn
+            return type(model)(type(model.config)(**{**model.config.to_dict(), **overrides})).to(model.dtype).train()
+        return path, overridden, inputs_fn
     return path, model_fn, inputs_fn
 
 
@@ -92,32 +104,27 @@ def bench_compile(quick: bool) -> dict:
     from autosp_verify.core import CaseSpec, build_case
 
     backends = [("autosp", "aot_eager", 3)] if quick else [("autosp", "aot_eager", 5), ("autosp-inductor", "inductor", 2)]
-    models = COMPILE_MODELS[:1] + COMPILE_MODELS[-1:] if quick else COMPILE_MODELS
+    models = QUICK_COMPILE_MODELS if quick else tuple(COMPILE_MODELS)
     P, S, B = 4, 64, 2
     rows, data, warmed = [], [], False
     for name in models:
         path, model_fn, inputs_fn = _compile_model(name)
-        for impl, backend, repeats in backends:
+        for impl, backend, pairs in backends:
             spec = CaseSpec(path, impl, P, S, B, "float32", 0)
             base, batch = build_case(model_fn, inputs_fn, spec)
             if not warmed:  # discarded: the first compile in a process pays one-off imports and initialisation
                 compile_times(spec, base, batch)
                 warmed = True
-            # pairs, the side measured first alternating; the ratio is the median of the pairs' ratios
-            runs = [compile_times(spec, base, batch, plain_first=i % 2 == 0) for i in range(repeats)]
-            w = statistics.median(r["with_passes"] for r in runs)
-            wo = statistics.median(r["without"] for r in runs)
-            wc = statistics.median(r["with_passes_cpu"] for r in runs)
-            woc = statistics.median(r["without_cpu"] for r in runs)
-            ratios = sorted(r["with_passes"] / r["without"] for r in runs)
-            ratio = statistics.median(ratios)
-            data.append({"model": name, "backend": backend, "with": w, "without": wo, "ratio": ratio})
-            rows.append([name, backend, f"{wo:.2f}", f"{w:.2f}", f"{ratio:.2f}x",
-                         " ".join(f"{x:.2f}" for x in ratios), f"{woc:.2f} / {wc:.2f}", repeats, loadavg()])
-    text = table(f"Compile time, HF fixtures (name@N: N layers), P={P}, S={S}, B={B}, float32, caches off",
+            t = compile_times(spec, base, batch, pairs=pairs)
+            data.append({"model": name, "backend": backend, "with": t["with_passes"], "without": t["without"],
+                         "ratio": t["ratio"]})
+            rows.append([name, backend, f"{t['without']:.2f}", f"{t['with_passes']:.2f}", f"{t['ratio']:.2f}x",
+                         " ".join(f"{x:.2f}" for x in sorted(t["each_pair"])),
+                         f"{t['without_cpu']:.2f} / {t['with_passes_cpu']:.2f}", pairs, loadavg()])
+    text = table(f"Compile time, HF fixtures (name@N: N layers; head_dim 64: hidden 512), P={P}, S={S}, B={B}, float32, caches off",
                  ["model", "backend", "torch.compile s", "autosp s", "ratio", "each pair", "cpu s (plain / autosp)",
-                  "repeats", "loadavg"],
-                 rows, ["wall seconds, median over repeats; both include Dynamo tracing, AOTAutograd, the backend "
+                  "pairs", "loadavg"],
+                 rows, ["wall seconds, medians over the pairs; both include Dynamo tracing, AOTAutograd, the backend "
                         "and one forward + backward; autosp adds its passes and runs on a fake group of P ranks",
                         "ratio: the median of the pairs' ratios (each pair: both sides back to back, the one measured first "
                         "alternating; each side after torch._dynamo.reset(), gc and sympy's cache cleared)",

@@ -66,7 +66,9 @@ Compile time (``compile_s``, opt-in: ``compile_time=True`` / ``--compile-time``)
     before each side (so models compiled earlier in the process compile again on their next
     call), FX-graph and AOTAutograd caches off, sequence dim dynamic in both. Wall seconds, and
     this process's CPU seconds (``*_cpu``: steadier on a loaded machine; Inductor's compile
-    workers are other processes and not in it). The table shows wall seconds.
+    workers are other processes and not in it). ``pairs`` of both sides back to back, the side
+    first alternating: the seconds are medians, ``ratio`` the median of the pairs' ratios
+    (``each_pair``). The table shows wall seconds and the ratio.
 """
 from __future__ import annotations
 

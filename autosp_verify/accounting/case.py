@@ -10,6 +10,8 @@ from autosp_verify.accounting.saved import baseline_saved, classify
 
 # Inner backend -> the single-device backend that saves the same set of tensors.
 BASELINE_BACKEND = {"eager": "eager", "aot_eager": "aot_eager", "inductor": "aot_eager_decomp_partition"}
+# --compile-time: pairs of compiles per case, the ratio their median (one compile moves +-25% run to run).
+COMPILE_PAIRS = 3
 
 
 def _baseline_backend(rank_data: list):
@@ -127,7 +129,7 @@ def account_case(case, ranks, *, memory=False, compile_time=False) -> dict:
     try:
         result = account(case, ranks, memory=memory)
         if compile_time:
-            result["compile_s"] = compile_times(case.spec, case.base, case.batch)
+            result["compile_s"] = compile_times(case.spec, case.base, case.batch, pairs=COMPILE_PAIRS)
     except Exception as exc:  # noqa: BLE001 (reported: the accounting never fails a case)
         result = {"error": f"{type(exc).__name__}: {exc}"}
     return result

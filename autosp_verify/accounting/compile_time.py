@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 import time
 
 import torch
@@ -32,10 +33,14 @@ def _same_start() -> None:
     gc.collect()
 
 
-def compile_times(spec, base, batch, plain_first: bool = True) -> dict | None:
+def compile_times(spec, base, batch, pairs: int = 1) -> dict | None:
     """Seconds to compile with the passes (autosp.compile + warm_up) and without (torch.compile),
-    forward and backward each, for the named autosp impls; None for other impls. ``plain_first``:
-    which side is measured first (alternate it over repeats: a process's state drifts)."""
+    forward and backward each, for the named autosp impls; None for other impls.
+
+    ``pairs`` measurements of both sides back to back, the side measured first alternating (a
+    process's state drifts); one compile of the same model moves by up to +-25% between runs on a
+    shared machine, so ``ratio`` is the median of the pairs' ratios (``each_pair``), and the
+    seconds are medians over the pairs."""
     from autosp_verify.impls import _AUTOSP_IMPLS
     backend = {"autosp": "aot_eager", "autosp-eager": "eager", "autosp-inductor": "inductor"}.get(spec.impl)
     if not isinstance(spec.impl, str) or spec.impl not in _AUTOSP_IMPLS or backend is None:
@@ -43,13 +48,17 @@ def compile_times(spec, base, batch, plain_first: bool = True) -> dict | None:
     import torch._functorch.config
     import torch._inductor.config
 
+    runs = []
     with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        times = {side: _timed(side, spec, base, batch, backend)
-                 for side in (("plain", "autosp") if plain_first else ("autosp", "plain"))}
-    (without, without_cpu), (with_passes, with_cpu) = times["plain"], times["autosp"]
-    return {"with_passes": with_passes, "without": without, "with_passes_cpu": with_cpu, "without_cpu": without_cpu,
-            "backend": backend}
+        for i in range(pairs):
+            order = ("plain", "autosp") if i % 2 == 0 else ("autosp", "plain")
+            runs.append({side: _timed(side, spec, base, batch, backend) for side in order})
+    median = lambda side, j: statistics.median(r[side][j] for r in runs)  # noqa: E731
+    return {"with_passes": median("autosp", 0), "without": median("plain", 0),
+            "with_passes_cpu": median("autosp", 1), "without_cpu": median("plain", 1),
+            "ratio": statistics.median(r["autosp"][0] / r["plain"][0] for r in runs),
+            "each_pair": [r["autosp"][0] / r["plain"][0] for r in runs], "backend": backend}
 
 
 def _timed(side: str, spec, base, batch, backend: str) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """Accounting (autosp_verify/accounting.py): collectives against the Ulysses minimum, activation
 memory per rank against one device, and the report's figure, each with a negative control."""
+import dataclasses
 import json
 import os
 
@@ -138,3 +139,19 @@ def test_fake_simulator_counts_the_ranks_it_runs():
     r = _case(TINY, "autosp-eager", 4, 32, simulator="fake")
     assert r.status == "structural" and r.accounting["collectives"]["at_minimum"], r.accounting
     assert len(r.accounting["collectives"]["per_rank"]) == 2
+
+
+def test_compile_time_is_the_median_of_alternating_pairs():
+    """--compile-time: both sides per pair, the ratio the median of the pairs' ratios (one compile
+    moves +-25% between runs); not measured for impls that are not autosp.compile."""
+    from autosp_verify.core import build_case, model_functions
+    spec = CaseSpec(TINY, "autosp-eager", 2, 8, 2, "float64", 0)  # Dynamo and the passes, no AOTAutograd: cheap
+    base, batch = build_case(*model_functions(TINY), spec)
+    times = accounting.compile_times(spec, base, batch, pairs=3)
+    assert len(times["each_pair"]) == 3 and min(times["each_pair"]) > 0
+    assert times["ratio"] == sorted(times["each_pair"])[1]
+    assert times["with_passes"] > 0 and times["without"] > 0 and times["backend"] == "eager"
+    assert accounting.compile_times(dataclasses.replace(spec, impl=ulysses()), base, batch) is None
+    case = CaseResult("autosp-eager", "threaded", 2, 8, 2, "float64", status="pass",
+                      accounting={"collectives": None, "compile_s": times})
+    assert f"({times['without']:.1f}) {times['ratio']:.2f}x" in format_table([case])
