@@ -78,6 +78,23 @@ def check_sdpa(named_modules, who: str) -> None:
                               "(on the config, and on its text/vision sub-configs)")
 
 
+def _refuse_hf_checkpointing(model) -> None:
+    """HF's activation checkpointing (``gradient_checkpointing`` set on its layers) compiles each
+    layer into a checkpoint subgraph the passes refuse; before that, with the model's default
+    ``use_cache=True``, HF logs a warning Dynamo stops at (a graph break that names neither).
+    Said once, up front, with the ways out."""
+    module = getattr(model, "__self__", model)
+    if not isinstance(module, torch.nn.Module) or not module.training:
+        return
+    for name, sub in module.named_modules():
+        if getattr(sub, "gradient_checkpointing", False) is True:
+            raise AutoSPError(f"{name or type(sub).__name__} ({type(sub).__name__}) has HF activation checkpointing "
+                              "on: a torch.utils.checkpoint region compiles to a subgraph AutoSP's passes do not "
+                              "shard. Turn it off (model.activation_checkpointing_disable()) and use "
+                              "SPConfig(checkpointing='selective') (sequence-aware recompute, exact), or wrap the "
+                              "model with autosp.multimodal.auto_wrap_model_for_sp, which runs checkpointed layers")
+
+
 class CompiledSP:
     """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
 
@@ -93,6 +110,7 @@ class CompiledSP:
 
     def _for_group(self, key: str, size: int):
         if key not in self._compiled:
+            _refuse_hf_checkpointing(self.model)
             backend = backend_for(self.config, size, key)
             self._compiled[key] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
         return self._compiled[key]

@@ -18,6 +18,8 @@ model: outputs are plain tensors.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 
 import torch
@@ -168,7 +170,7 @@ def _sharded_forward(state: _SPState, name: str, causal: bool, block: nn.Module)
         args, kwargs, layout, segments, seq_dim, ndim = _shard_inputs(state, block, forward, args, kwargs)
         context = BlockContext(name, layout, state.group, causal_hint=causal, segments=segments,
                                seq_dim=seq_dim, hidden_ndim=ndim)
-        with UlyssesMode(context):
+        with UlyssesMode(context), _recompute_in_mode(block, context):
             output = forward(*args, **kwargs)
         if context.sdpa_calls == 0:
             raise AutoSPError(f"layer {name!r} ran no scaled_dot_product_attention while sharded: its "
@@ -182,6 +184,35 @@ def _sharded_forward(state: _SPState, name: str, causal: bool, block: nn.Module)
         full = LazyGathered(chunk, seq_dim, layout, state.group)
         return (full, *output[1:]) if isinstance(output, (tuple, list)) else full
     return sharded
+
+
+@contextlib.contextmanager
+def _recompute_in_mode(block: nn.Module, context: BlockContext):
+    """A checkpointed HF layer (``GradientCheckpointingLayer``) hands its forward to
+    ``block._gradient_checkpointing_func``, whose recompute runs in the backward, outside
+    ``UlyssesMode`` (torch's checkpoint re-enters only device contexts): its attention would see
+    this rank's chunk alone. While the block runs, the function handed over runs under the mode
+    whenever it runs."""
+    checkpoint = block.__dict__.get("_gradient_checkpointing_func")
+    if checkpoint is None:
+        yield
+        return
+
+    def checkpoint_in_mode(function, *args, **kwargs):
+        return checkpoint(functools.partial(_in_mode, context, function), *args, **kwargs)
+    block._gradient_checkpointing_func = checkpoint_in_mode
+    try:
+        yield
+    finally:
+        block._gradient_checkpointing_func = checkpoint
+
+
+def _in_mode(context: BlockContext, function, *args, **kwargs):
+    """``function`` under ``UlyssesMode(context)``, entered unless already active (the forward)."""
+    active = any(isinstance(m, UlyssesMode) and m.context is context
+                 for m in torch.overrides._get_current_function_mode_stack())
+    with contextlib.nullcontext() if active else UlyssesMode(context):
+        return function(*args, **kwargs)
 
 
 class _ForwardHandle:

@@ -146,15 +146,14 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
                           f"query rows, which keys and values gathered over {R} blocks need\n  at "
                           f"{source_line(node)}")
     if factored is None and once and not dropout and _cpu_flash(node):
-        both = g.call_function(FLASH, (q2, k2, v2, is_causal, call_arg(node, 6, "scale")))
+        q_in, scale = _scaled_query(g, q2, call_arg(node, 6, "scale"))
+        both = g.call_function(FLASH, (q_in, k2, v2, is_causal, scale))
         return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1))
     if factored is None:
         kwargs = dict(attn_mask=_padded_mask(ctx, mask), dropout_p=dropout, is_causal=is_causal,
                       scale=call_arg(node, 6, "scale"), enable_gqa=gqa)
         return g.call_function(node.target, (q2, k2, v2), kwargs), None
-    scale, q_in = call_arg(node, 6, "scale"), q2
-    if isinstance(scale, fx.Node):  # a float Dynamo made symbolic (it saw several values)
-        q_in, scale = g.call_function(operator.mul, (q2, scale)), 1.0
+    q_in, scale = _scaled_query(g, q2, call_arg(node, 6, "scale"))
     scale = scale or default_scale(int(example_value(q).shape[-1]))
     if R > 1 and is_causal:  # torch's is_causal would align the wrong corner for queries not at 0
         factored = masks.causal()
@@ -163,6 +162,15 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
                                     ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, once))
     ctx.counters["masked_attention"] += 1
     return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1)) if once else None
+
+
+def _scaled_query(g, q, scale):
+    """(query, scale) for a kernel taking a constant scale. Dynamo makes a float symbolic once it
+    has seen two values at one line (HF's attention: every model in a process with another head
+    width): the query is multiplied by it instead."""
+    if isinstance(scale, fx.Node):
+        return g.call_function(operator.mul, (q, scale)), 1.0
+    return q, scale
 
 
 def _held_once(ctx, q_heads: int, kv_heads_sent: int, U: int, q) -> bool:
@@ -176,7 +184,7 @@ def _cpu_flash(node) -> bool:
     """Whether torch's CPU flash kernel runs this attention as ``autosp::cpu_flash_attention`` (on
     other devices torch's attention stays, and saves its output: docs/accounting.md)."""
     qkv = (example_value(call_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-    return flash_attention.runs(*qkv) and not isinstance(call_arg(node, 6, "scale"), fx.Node)
+    return flash_attention.runs(*qkv)
 
 
 _REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autosp_verify.core import lifted_recompile_limit
 from autosp_verify.outputs import split_output
@@ -14,19 +15,42 @@ def _storages(tensors) -> set:
     return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
 
 
+class _Recomputing(Exception):
+    """An op ran while a saved tensor was read: the read recomputes a checkpointed region."""
+
+
+class _NoRecompute(TorchDispatchMode):
+    """Active while the walk reads saved tensors. A tensor that torch.utils.checkpoint holds is not
+    in memory: reading it runs the checkpointed forward again (its collectives included, outside
+    any backward), under saved-tensor hooks of the recompute's own. An op dispatched under hooks
+    other than the walk's is that recompute: it is stopped before it runs, and the tensor is not
+    counted (the checkpoint's inputs, which it does hold, are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch._C._autograd._top_saved_tensors_default_hooks(True) != self.hooks:
+            raise _Recomputing(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def _node_tensors(node) -> list:
     found = []
     for attr in dir(node):
         if attr.startswith("_saved_"):
             try:
-                value = getattr(node, attr)
-            except RuntimeError:  # already freed (a backward ran)
+                with _NoRecompute():
+                    value = getattr(node, attr)
+            except (RuntimeError, _Recomputing):  # already freed (a backward ran); held by a checkpoint
                 value = None
             values = value if isinstance(value, (tuple, list)) else (value,)
             found += [v for v in values if isinstance(v, torch.Tensor)]
     try:
-        found += [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
-    except (AttributeError, RuntimeError):  # builtin nodes have none; or already freed
+        with _NoRecompute():
+            found += [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+    except (AttributeError, RuntimeError, _Recomputing):  # builtin nodes have none; or already freed
         pass
     return found
 

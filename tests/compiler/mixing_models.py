@@ -58,9 +58,16 @@ def _group_norm(h):
     return F.group_norm(h, 1)  # [B, S, H] with one group: statistics over S and H together
 
 
+def _checkpointed_sdpa(h):
+    """Attention inside torch.utils.checkpoint: a region the passes do not enter."""
+    return torch.utils.checkpoint.checkpoint(_sdpa, h, use_reentrant=False)
+
+
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
-          "roll": _roll}
+          "roll": _roll, "checkpoint": _checkpointed_sdpa}
+
+
 def _sdpa_dropout(h):
     """Attention with dropout: fine under Ulysses, refused once keys and values are gathered."""
     b, s, _ = h.shape

@@ -53,7 +53,27 @@ def test_held_once_under_a_mask_is_exact():
 def test_a_wrong_delta_is_caught():
     """Negative control: rowsum(dO * O) halved on its way back: the forward is untouched, every
     attention input's gradient is wrong, and the verifier says so."""
+    import autosp
+    before = autosp.COUNTERS["attention_output_once"]
     result = _run(f"{BROKEN_AUTOSP}:delta_halved")
+    assert autosp.COUNTERS["attention_output_once"] - before == m.LAYERS  # the path the bug is planted in
     assert result.status == "fail", result.status
     failing = {t["name"] for t in result.tensors if not t["passed"]}
     assert failing and all(name.startswith("grad") for name in failing), failing
+
+
+def test_held_once_after_a_model_of_another_head_width():
+    """Dynamo makes HF's attention scale a symbolic float once it has seen two head widths in a
+    process (one code object serves every HF model): the output is still held once (the query
+    multiplied by the scale), and exact. This made the control above pass after other tests."""
+    import torch
+
+    import autosp
+    from autosp_verify.run import verify_file
+    torch._dynamo.reset()
+    llama = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "hf_llama.py")
+    assert verify_file(llama, impl="autosp-eager", world_size=P, seq_len=S, steps=1).passed  # head_dim 4
+    before = autosp.COUNTERS["attention_output_once"]
+    result = _run(autosp_impl("eager"))
+    assert result.passed, result.failures[:3]
+    assert autosp.COUNTERS["attention_output_once"] - before == m.LAYERS

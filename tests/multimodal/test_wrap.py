@@ -1,16 +1,20 @@
 """autosp.multimodal through the verifier: every multimodal fixture exact at P in {2, 4} in float64
 (loss and every gradient: vision tower, projector, patch embedding), each planted bug caught, and
 the errors a user meets named clearly."""
+import contextlib
 import os
 import re
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autosp import AutoSPError
+from autosp.multimodal import wrap as wrap_module
 from autosp.multimodal import (auto_wrap_model_for_sp, detect_model_sp_info, register_attention,
                                unwrap_model_for_sp)
+from autosp_verify.accounting import saved as saved_module
 from autosp_verify.cli import main
 from autosp_verify.run import verify_file
 
@@ -265,3 +269,41 @@ def test_past_the_head_count_the_eager_path_gathers_keys_and_values():
         gathers[world_size] = result.accounting["collectives"]["measured"]["all_gather"]
     attention_layers = 4  # 2 in the vision tower, 2 in the language model
     assert gathers[8] - gathers[4] == 2 * attention_layers  # keys and values, each attention
+
+
+CHECKPOINTED_LLAVA = os.path.join(HERE, "checkpointed_llava.py")
+
+
+def _checkpointed_a2a(world_size=2, seq_len=19):
+    plain = verify_file(fixture("hf_llava"), impl="autosp-wrap", world_size=world_size, seq_len=seq_len, steps=1)
+    checkpointed = verify_file(CHECKPOINTED_LLAVA, impl="autosp-wrap", world_size=world_size, seq_len=seq_len,
+                               steps=1)
+    a2a = lambda r: r.accounting["collectives"]["measured"]["all_to_all"]  # noqa: E731
+    return checkpointed, a2a(plain), a2a(checkpointed)
+
+
+def test_hf_activation_checkpointing_is_exact_and_recomputes_once():
+    """HF's checkpointed layers recompute their forward in the backward, outside the layer's call:
+    the recompute runs Ulysses too. The verifier's saved-tensor walk must not trigger recomputes
+    (each would run the layer's collectives again): the all-to-alls are the plain run's plus one
+    forward of each recomputed layer, at most half as many again."""
+    checkpointed, plain_a2a, checkpointed_a2a = _checkpointed_a2a()
+    assert checkpointed.status == "pass", (checkpointed.error, checkpointed.failures)
+    assert plain_a2a < checkpointed_a2a <= 1.5 * plain_a2a, (plain_a2a, checkpointed_a2a)
+
+
+def test_recompute_outside_ulysses_is_caught(monkeypatch):
+    """Negative control: the recompute left outside UlyssesMode attends this rank's chunk alone."""
+    monkeypatch.setattr(wrap_module, "_recompute_in_mode", lambda block, context: contextlib.nullcontext())
+    result = verify_file(CHECKPOINTED_LLAVA, impl="autosp-wrap", world_size=2, seq_len=19, steps=1)
+    assert result.status == "error" and "CheckpointError" in result.error, (result.status, result.error)
+
+
+def test_saved_tensor_walk_that_recomputes_is_caught(monkeypatch):
+    """Negative control: a walk that lets the reads recompute counts every recompute's collectives."""
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    monkeypatch.setattr(saved_module, "_NoRecompute", Reads)
+    _, plain_a2a, checkpointed_a2a = _checkpointed_a2a()
+    assert checkpointed_a2a > 1.5 * plain_a2a, (plain_a2a, checkpointed_a2a)
