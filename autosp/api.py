@@ -1,6 +1,9 @@
 """Public entry points: ``compile``, ``prepare_inputs`` (and DeepSpeed's ``prepare_autosp_inputs``)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 import torch.distributed as dist
 from torch._dynamo.exc import BackendCompilerFailed, Unsupported
@@ -78,21 +81,14 @@ def check_sdpa(named_modules, who: str) -> None:
                               "(on the config, and on its text/vision sub-configs)")
 
 
-def _refuse_hf_checkpointing(model) -> None:
-    """HF's activation checkpointing (``gradient_checkpointing`` set on its layers) compiles each
-    layer into a checkpoint subgraph the passes refuse; before that, with the model's default
-    ``use_cache=True``, HF logs a warning Dynamo stops at (a graph break that names neither).
-    Said once, up front, with the ways out."""
-    module = getattr(model, "__self__", model)
-    if not isinstance(module, torch.nn.Module) or not module.training:
-        return
-    for name, sub in module.named_modules():
-        if getattr(sub, "gradient_checkpointing", False) is True:
-            raise AutoSPError(f"{name or type(sub).__name__} ({type(sub).__name__}) has HF activation checkpointing "
-                              "on: a torch.utils.checkpoint region compiles to a subgraph AutoSP's passes do not "
-                              "shard. Turn it off (model.activation_checkpointing_disable()) and use "
-                              "SPConfig(checkpointing='selective') (sequence-aware recompute, exact), or wrap the "
-                              "model with autosp.multimodal.auto_wrap_model_for_sp, which runs checkpointed layers")
+def hf_warnings_ignored():
+    """transformers' ``logger.warning_once`` (a graph break under Dynamo) is skipped while tracing:
+    HF warns with it inside forward, e.g. that activation checkpointing turns ``use_cache`` off."""
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is None:
+        return contextlib.nullcontext()
+    ignored = torch._dynamo.config.ignore_logging_functions
+    return torch._dynamo.config.patch(ignore_logging_functions=ignored | {warning_once})
 
 
 class CompiledSP:
@@ -110,7 +106,6 @@ class CompiledSP:
 
     def _for_group(self, key: str, size: int):
         if key not in self._compiled:
-            _refuse_hf_checkpointing(self.model)
             backend = backend_for(self.config, size, key)
             self._compiled[key] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
         return self._compiled[key]
@@ -164,7 +159,7 @@ class CompiledSP:
                               "(padding='error')")
         try:
             # No duck sizing: another dynamic dim equal to the length must not share its symbol.
-            with fx_config.patch(use_duck_shape=False):
+            with fx_config.patch(use_duck_shape=False), hf_warnings_ignored():
                 return self._for_group(key, size)(*args, **kwargs)
         except BackendCompilerFailed as e:
             if isinstance(e.inner_exception, AutoSPError):

@@ -13,6 +13,7 @@ from torch import fx
 
 from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 from autosp.passes.attention import attention
+from autosp.passes.checkpoints import inline_checkpoints, tag_checkpoints
 from autosp.passes.context import PassContext
 from autosp.passes.layout import SEQ_LEN, VALUE_OF, analyse, find_sequence
 from autosp.passes.loss import loss
@@ -27,12 +28,14 @@ def layout(ctx: PassContext) -> None:
 
 
 PASSES: dict[str, Callable[[PassContext], None]] = {
+    "inline_checkpoints": inline_checkpoints,
     "layout": layout,
     "shard_inputs": shard_inputs,
     "local_sizes": local_sizes,
     "attention": attention,
     "loss": loss,
     "outputs": outputs,
+    "tag_checkpoints": tag_checkpoints,
 }
 DEFAULT_PIPELINE = tuple(PASSES)
 # Process-wide totals over every graph compiled, for tests and debugging (reset freely).

@@ -115,15 +115,8 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         count = len(shape) if isinstance(shape, (list, tuple)) else 1
         return None if src is first and d < nd - count else "it normalises over the sequence"
-    if target is getattr(torch.ops.higher_order, "tag_activation_checkpoint", None):
-        return CHECKPOINT_REGION
     return "no rule says this op is positional along the sequence (add one to autosp.passes.ops)"
 
-
-CHECKPOINT_REGION = ("it is a torch.utils.checkpoint region (HF: activation_checkpointing_enable), compiled as "
-                     "a subgraph the passes do not shard; turn it off and use SPConfig(checkpointing="
-                     "'selective') (sequence-aware recompute, exact), or autosp.multimodal.auto_wrap_model_for_sp, "
-                     "which runs checkpointed layers")
 
 CAT_ONTO_SEQUENCE = ("it concatenates onto the sequence, as reading a KV cache does (generation with "
                      "past_key_values): sequence parallelism is for training; generate without autosp")

@@ -70,8 +70,10 @@ def _timed(side: str, spec, base, batch, backend: str) -> tuple[float, float]:
     if side == "autosp":
         autosp.compile(model, backend=_fresh(backend)).warm_up(spec.world_size, **batch)
     else:
+        from autosp.api import hf_warnings_ignored
         compiled = torch.compile(model, backend=_fresh(backend), fullgraph=True)
-        loss, _ = split_output(compiled(**_mark_sequence(batch, spec.seq_len)))
+        with hf_warnings_ignored():  # as autosp.compile traces
+            loss, _ = split_output(compiled(**_mark_sequence(batch, spec.seq_len)))
         params = [p for p in model.parameters() if p.requires_grad]
         if loss.requires_grad and params:
             torch.autograd.grad(loss, params, allow_unused=True)

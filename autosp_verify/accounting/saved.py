@@ -95,7 +95,8 @@ def baseline_saved(base, batch: dict, seq_len: int, seed: int, backend: str | No
         if backend is None:
             loss, _ = split_output(model(**batch))
         else:
-            with lifted_recompile_limit():
+            from autosp.api import hf_warnings_ignored
+            with lifted_recompile_limit(), hf_warnings_ignored():  # as autosp.compile traces
                 compiled = torch.compile(model, backend=backend, fullgraph=True)
                 loss, _ = split_output(compiled(**_mark_sequence(batch, seq_len)))
     return saved_activations(loss, exclude)[0]

@@ -58,14 +58,9 @@ def _group_norm(h):
     return F.group_norm(h, 1)  # [B, S, H] with one group: statistics over S and H together
 
 
-def _checkpointed_sdpa(h):
-    """Attention inside torch.utils.checkpoint: a region the passes do not enter."""
-    return torch.utils.checkpoint.checkpoint(_sdpa, h, use_reentrant=False)
-
-
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
-          "roll": _roll, "checkpoint": _checkpointed_sdpa}
+          "roll": _roll}
 
 
 def _sdpa_dropout(h):
@@ -76,7 +71,22 @@ def _sdpa_dropout(h):
     return out.transpose(1, 2).reshape(b, s, -1)
 
 
-POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout}
+def _checkpointed_sdpa(h):
+    """Attention inside torch.utils.checkpoint (inlined, then recomputed in the backward)."""
+    return torch.utils.checkpoint.checkpoint(_sdpa, h, use_reentrant=False)
+
+
+def _checkpointed_with_policy(h):
+    """torch.utils.checkpoint with a selective policy of its own (context_fn): refused."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    policy = partial(create_selective_checkpoint_contexts, lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    return torch.utils.checkpoint.checkpoint(_sdpa, h, use_reentrant=False, context_fn=policy)
+
+
+POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
+              "checkpointed_with_policy": _checkpointed_with_policy}
 
 
 class MixingLM(nn.Module):

@@ -128,3 +128,47 @@ def test_checkpointing_config_is_validated():
     with pytest.raises(autosp.AutoSPError, match="checkpoint_min_bytes"):
         autosp.SPConfig(checkpointing="selective", checkpoint_min_bytes=-1)
     assert autosp.SPConfig(checkpointing="selective").checkpoint_min_bytes == 0
+
+
+CHECKPOINTED_LLAMA = os.path.join(os.path.dirname(__file__), "checkpointed_llama.py")
+
+
+def _hf_checkpointed(world_size, seq_len):
+    """(checkpointed run, the same model's run without checkpointing, regions compiled)."""
+    from autosp.passes.registry import COUNTERS
+    torch._dynamo.reset()
+    before = COUNTERS["checkpoint_regions"]
+    run = verify_file(CHECKPOINTED_LLAMA, impl="autosp", world_size=world_size, seq_len=seq_len, memory=True)
+    regions = COUNTERS["checkpoint_regions"] - before
+    plain = verify_file(os.path.join(FIXTURES, "hf_llama.py"), impl="autosp", world_size=world_size,
+                        seq_len=seq_len, memory=True)
+    return run, plain, regions
+
+
+def _costs(result):
+    acc = result.accounting
+    return acc["collectives"]["measured"]["all_to_all"], max(acc["memory"]["rank_bytes"])
+
+
+@pytest.mark.parametrize("world_size,seq_len", [pytest.param(2, 16, marks=pytest.mark.slow), (4, 13)])
+def test_hf_activation_checkpointing_is_exact_and_recomputes_each_layer(world_size, seq_len):
+    """HF's activation_checkpointing_enable(): each layer's torch.utils.checkpoint region is inlined
+    and tagged, so the backward recomputes it, its all-to-alls included (as DeepSpeed's and
+    Megatron's recompute does): exact, fewer saved bytes than without checkpointing, and 4 more
+    all-to-alls per layer (q, k, v and the output, again)."""
+    from tests.compiler.checkpointed_llama import LAYERS
+    run, plain, regions = _hf_checkpointed(world_size, seq_len)
+    assert run.status == "pass", (run.error, run.failures[:3])
+    assert regions == LAYERS
+    (a2a, saved), (plain_a2a, plain_saved) = _costs(run), _costs(plain)
+    assert a2a == plain_a2a + 4 * LAYERS and saved < plain_saved, (a2a, plain_a2a, saved, plain_saved)
+
+
+def test_checkpoint_regions_not_tagged_keep_every_activation(monkeypatch):
+    """Negative control: regions inlined but not tagged: exact, but nothing is recomputed."""
+    from autosp.passes import registry
+    monkeypatch.setitem(registry.PASSES, "tag_checkpoints", lambda ctx: None)
+    run, plain, _ = _hf_checkpointed(4, 13)
+    assert run.status == "pass"
+    (a2a, saved), (plain_a2a, plain_saved) = _costs(run), _costs(plain)
+    assert a2a == plain_a2a and saved >= plain_saved, (a2a, plain_a2a, saved, plain_saved)

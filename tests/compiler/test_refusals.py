@@ -9,7 +9,7 @@ from .mixing_models import MIXERS, MixingLM, inputs_fn
 
 OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
-            "roll": "roll", "checkpoint": "torch.utils.checkpoint region"}
+            "roll": "roll"}
 
 
 def _compile_for(kind, world_size):
@@ -103,17 +103,9 @@ def test_a_vlm_with_data_dependent_splits_is_refused_with_the_way_out():
     assert "modeling_qwen2_vl.py" in result.error and "auto_wrap_model_for_sp" in result.error, result.error
 
 
-def test_activation_checkpointing_is_refused_with_the_way_out():
-    """HF's activation checkpointing compiles to checkpoint subgraphs the passes do not enter (in a
-    model's own code: MIXERS["checkpoint"] above): refused up front by name (not a graph break on
-    HF's use_cache warning). Control: the same model without it compiles."""
-    from fixtures import hf_llama
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    model = hf_llama.model_fn()
-    model.activation_checkpointing_enable()
-    torch._dynamo.reset()
-    with pytest.raises(autosp.AutoSPError, match="activation checkpointing on.*checkpointing='selective'"):
-        autosp.compile(model, backend="eager").warm_up(2, input_ids=ids, labels=ids)
-    model.activation_checkpointing_disable()
-    torch._dynamo.reset()
-    autosp.compile(model, backend="eager").warm_up(2, input_ids=ids, labels=ids)
+def test_a_checkpoint_region_with_a_policy_of_its_own_is_refused():
+    """torch.utils.checkpoint regions are inlined and recomputed (test_checkpointing.py); one with a
+    context_fn (its own selective policy) is refused by name. Control: without the policy it compiles."""
+    _compile_for("checkpointed_sdpa", 2)
+    with pytest.raises(autosp.AutoSPError, match="context_fn.*checkpointing='selective'"):
+        _compile_for("checkpointed_with_policy", 2)
