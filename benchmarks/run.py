@@ -1,6 +1,6 @@
 """AutoSP benchmarks: plain-text tables and one PNG (not tests; nothing here asserts).
 
-    python benchmarks/run.py --quick                 # ~2.5 min on 2 CPU cores
+    python benchmarks/run.py --quick                 # ~3 min on 2 CPU cores
     python benchmarks/run.py --all --png benchmarks/results.png
     python benchmarks/run.py --compile --memory      # pick sections
 
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step-time", action="store_true")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--all", action="store_true", help="every section (the default when none is named)")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (~2.5 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (~3 min on 2 cores)")
     parser.add_argument("--png", metavar="PATH", help="write the figure here")
     args = parser.parse_args(argv)
     every = args.all or not (args.compile or args.memory or args.step_time or args.gpu)

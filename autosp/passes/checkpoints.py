@@ -38,13 +38,16 @@ def inline_checkpoints(ctx: PassContext) -> None:
     if any(n.target is CHECKPOINT for n in g.nodes):
         for node in g.nodes:
             node.meta[TRACED] = True
-    for region, node in enumerate([n for n in g.nodes if n.target is CHECKPOINT and CHECKPOINT is not None]):
+    for region, node in enumerate([n for n in g.nodes if n.target is CHECKPOINT]):
         body_node, *operands = node.args
         body = getattr(ctx.gm, body_node.target)
         if body.meta.get("_checkpoint_context_fn") is not None:  # where Dynamo keeps it
             raise AutoSPError(f"{node.name}: a torch.utils.checkpoint region with a context_fn (a selective "
                               "checkpoint policy of its own) is not supported; checkpoint without one, or use "
                               f"SPConfig(checkpointing='selective')\n  at {source_line(node)}")
+        if any(n.target is CHECKPOINT for n in body.graph.nodes):
+            raise AutoSPError(f"{node.name}: a torch.utils.checkpoint region inside another is not supported"
+                              f"\n  at {source_line(node)}")
         env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], operands))
         with g.inserting_before(node):
             for inner in body.graph.nodes:
