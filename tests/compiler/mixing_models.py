@@ -85,8 +85,13 @@ def _checkpointed_with_policy(h):
     return torch.utils.checkpoint.checkpoint(_sdpa, h, use_reentrant=False, context_fn=policy)
 
 
+def _nested_checkpoints(h):
+    """A checkpoint region inside another: refused."""
+    return torch.utils.checkpoint.checkpoint(_checkpointed_sdpa, h, use_reentrant=False)
+
+
 POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
-              "checkpointed_with_policy": _checkpointed_with_policy}
+              "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints}
 
 
 class MixingLM(nn.Module):

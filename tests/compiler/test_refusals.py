@@ -105,7 +105,10 @@ def test_a_vlm_with_data_dependent_splits_is_refused_with_the_way_out():
 
 def test_a_checkpoint_region_with_a_policy_of_its_own_is_refused():
     """torch.utils.checkpoint regions are inlined and recomputed (test_checkpointing.py); one with a
-    context_fn (its own selective policy) is refused by name. Control: without the policy it compiles."""
+    context_fn (its own selective policy), or nested in another, is refused by name. Control: a
+    plain region compiles."""
     _compile_for("checkpointed_sdpa", 2)
     with pytest.raises(autosp.AutoSPError, match="context_fn.*checkpointing='selective'"):
         _compile_for("checkpointed_with_policy", 2)
+    with pytest.raises(autosp.AutoSPError, match="region inside another"):
+        _compile_for("nested_checkpoints", 2)
