@@ -35,10 +35,10 @@ TRACED = "autosp_traced"  # node meta: a node Dynamo made (not one the passes ad
 
 def inline_checkpoints(ctx: PassContext) -> None:
     g = ctx.graph
-    if any(n.target is CHECKPOINT for n in g.nodes):
-        for node in g.nodes:
-            node.meta[TRACED] = True
-    for region, node in enumerate([n for n in g.nodes if n.target is CHECKPOINT]):
+    checkpoints = [n for n in g.nodes if n.target is CHECKPOINT]
+    for node in g.nodes if checkpoints else ():
+        node.meta[TRACED] = True
+    for region, node in enumerate(checkpoints):
         body_node, *operands = node.args
         body = getattr(ctx.gm, body_node.target)
         if body.meta.get("_checkpoint_context_fn") is not None:  # where Dynamo keeps it

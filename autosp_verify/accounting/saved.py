@@ -41,15 +41,13 @@ def _node_tensors(node) -> list:
     for attr in dir(node):
         if attr.startswith("_saved_"):
             try:
-                with _NoRecompute():
-                    value = getattr(node, attr)
+                value = getattr(node, attr)
             except (RuntimeError, _Recomputing):  # already freed (a backward ran); held by a checkpoint
                 value = None
             values = value if isinstance(value, (tuple, list)) else (value,)
             found += [v for v in values if isinstance(v, torch.Tensor)]
     try:
-        with _NoRecompute():
-            found += [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+        found += [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
     except (AttributeError, RuntimeError, _Recomputing):  # builtin nodes have none; or already freed
         pass
     return found
@@ -60,19 +58,20 @@ def saved_activations(loss, exclude: set = frozenset()) -> tuple[list, bool]:
     walk order, storages in ``exclude`` left out; whether an AOTAutograd node was met)."""
     seen, out, visited, compiled = set(), [], set(), False
     stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        compiled |= type(node).__name__ == "CompiledFunctionBackward"
-        for t in _node_tensors(node):
-            storage = t.untyped_storage()
-            if storage.data_ptr() in exclude or storage.data_ptr() in seen:
+    with _NoRecompute():  # the reads in _node_tensors
+        while stack:
+            node = stack.pop()
+            if node is None or node in visited:
                 continue
-            seen.add(storage.data_ptr())
-            out.append((tuple(t.shape), storage.nbytes()))
-        stack += [n for n, _ in reversed(node.next_functions)]
+            visited.add(node)
+            compiled |= type(node).__name__ == "CompiledFunctionBackward"
+            for t in _node_tensors(node):
+                storage = t.untyped_storage()
+                if storage.data_ptr() in exclude or storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                out.append((tuple(t.shape), storage.nbytes()))
+            stack += [n for n, _ in reversed(node.next_functions)]
     return out, compiled
 
 
