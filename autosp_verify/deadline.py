@@ -27,18 +27,32 @@ class DeadlineExceeded(BaseException):
     interrupts must not swallow it)."""
 
 
-def doing(ident: int | None) -> str:
-    """What the thread ``ident`` is doing: 'compiling (...)' or 'at FILE:LINE in FUNC'."""
+def _frames(ident: int | None) -> list:
     frame = sys._current_frames().get(ident) if ident is not None else None
-    if frame is None:
-        return "not running"
     frames = []
     while frame is not None:
         frames.append(frame)
         frame = frame.f_back
+    return frames
+
+
+def _in_compile(frames) -> bool:
+    return any(any(d in f.f_code.co_filename for d in _COMPILING) for f in frames)
+
+
+def compiling(ident: int | None) -> bool:
+    """Whether the thread ``ident`` is inside torch.compile (Dynamo, AOTAutograd or Inductor)."""
+    return _in_compile(_frames(ident))
+
+
+def doing(ident: int | None) -> str:
+    """What the thread ``ident`` is doing: 'compiling (...)' or 'at FILE:LINE in FUNC'."""
+    frames = _frames(ident)
+    if not frames:
+        return "not running"
     user = next((f for f in frames if not f.f_code.co_filename.startswith(_LIBRARY)), None)
     at = f"{user.f_code.co_filename}:{user.f_lineno} in {user.f_code.co_name}" if user else "in library code"
-    if any(any(d in f.f_code.co_filename for d in _COMPILING) for f in frames):
+    if _in_compile(frames):
         return f"compiling (torch.compile: Dynamo, AOTAutograd or Inductor), from {at}"
     return f"at {at}"
 

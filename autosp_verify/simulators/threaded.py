@@ -9,8 +9,9 @@ collective (``exception_handle``) and let the rest run out as daemon threads; wh
 out we also raise SystemExit asynchronously in the ranks still alive (it fires at their next
 bytecode, which ends Python-level hangs). Before the next run starts, leftovers of earlier runs
 are stopped the same way and waited for (an impl's process-global state, e.g. DeepSpeed's group
-registry, must not change under the new run); at exit too, so the interpreter does not shut
-down under a thread still inside C++ (e.g. a compile).
+registry, must not change under the new run), except that a rank inside torch.compile is first
+left to finish (a SystemExit landing in a compile can abort the process); at exit too, so the
+interpreter does not shut down under a thread still inside C++ (e.g. a compile).
 
 Every collective a rank runs is recorded for the run (``collective_log.record_threaded``): ranks
 that enter one collective with different kinds, dtypes or shapes fail at once with a
@@ -31,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from autosp_verify.deadline import deadline, doing
+from autosp_verify.deadline import compiling, deadline, doing
 from autosp_verify.collective_log import record_threaded, snapshot, stall_message
 from autosp_verify.simulators.base import (RankContext, RankFailure, SimulationError, Simulator,
                                            failure_from_exception)
@@ -151,7 +152,13 @@ def _raise_in(threads):
 
 
 def _stop(threads, seconds):
+    """A rank still compiling is left to finish first (for up to ``seconds``): an asynchronous
+    SystemExit landing inside a compile (Dynamo's compile lock, its C-level frame state) can abort
+    the whole process, and a rank compiling when its run failed (DeepSpeed refusing on every rank)
+    ends in seconds. The others are stopped at once."""
     _mtpg().ProcessLocalGroup.exception_handle(None)  # the terminate flag may have been reset since
+    _raise_in([t for t in threads if not compiling(t.ident)])
+    _join([t for t in threads if t.is_alive() and compiling(t.ident)], seconds)
     _raise_in(threads)
     _join(threads, seconds)
 

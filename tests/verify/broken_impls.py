@@ -1,6 +1,7 @@
 """Impls that misbehave on purpose, for the verifier's robustness tests (loadable by file path)."""
 import threading
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -116,6 +117,38 @@ def releasing_straggler(impl):
             return step(**batch)
         return released
     return wrapped
+
+
+COMPILE_STARTED, COMPILE_OUTCOME = threading.Event(), []
+
+
+def _slow_backend(gm, example_inputs):
+    COMPILE_STARTED.set()
+    for _ in range(30):  # 3 s in small sleeps: an asynchronous exception would land between them
+        time.sleep(0.1)
+    return gm
+
+
+def _plus_one(x):
+    return x + 1
+
+
+def compiling_straggler(model, group):
+    """Rank 1 fails once rank 0 is inside torch.compile; rank 0 outlives the run, compiling, and
+    records whether its compile finished or was interrupted."""
+    def step(**batch):
+        if dist.get_rank(group) == 1:
+            COMPILE_STARTED.wait(30)
+            raise RuntimeError("boom on rank 1")
+        try:
+            fresh = types.FunctionType(_plus_one.__code__.replace(co_name=f"plus_one_{time.monotonic_ns()}"), globals())
+            torch.compile(fresh, backend=_slow_backend)(torch.ones(2))  # a new code object: never cached
+            COMPILE_OUTCOME.append("finished")
+        except BaseException as exc:
+            COMPILE_OUTCOME.append(type(exc).__name__)
+            raise
+        return _loss(model, batch)
+    return step
 
 
 # --- robustness of the verifier itself (tests/verify/test_robustness.py) ---------------------------

@@ -86,6 +86,27 @@ def test_leftover_ranks_never_reach_the_next_run():
     assert r.status == "pass", r
 
 
+def _a_compiling_leftover(monkeypatch, stop_compiles: bool):
+    from autosp_verify.simulators import threaded
+    from .broken_impls import COMPILE_OUTCOME, COMPILE_STARTED, compiling_straggler
+    COMPILE_STARTED.clear()
+    COMPILE_OUTCOME.clear()
+    if stop_compiles:  # negative control: the settling that stopped every leftover at once
+        monkeypatch.setattr(threaded, "compiling", lambda ident: False)
+    assert verify(model_fn, inputs_fn, impl=compiling_straggler, world_size=2).status == "error"
+    assert verify(model_fn, inputs_fn, impl=ulysses_impl, world_size=2).status == "pass"
+    return COMPILE_OUTCOME
+
+
+def test_a_leftover_rank_inside_torch_compile_is_left_to_finish(monkeypatch):
+    """A SystemExit landing inside Dynamo can abort the process (it took down a CI worker)."""
+    assert _a_compiling_leftover(monkeypatch, stop_compiles=False) == ["finished"]
+
+
+def test_negative_control_a_leftover_stopped_mid_compile_is_seen(monkeypatch):
+    assert _a_compiling_leftover(monkeypatch, stop_compiles=True) == ["SystemExit"]
+
+
 def _group_name(ctx, payload):
     return ctx.group.group_name
 
