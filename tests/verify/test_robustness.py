@@ -2,6 +2,7 @@
 collective and which shapes; the user's model is never touched; a seed fixes the verdict and the
 numbers; NaN/Inf never pass silently; a process simulator refuses what its children cannot import.
 Every check here is shown failing on a broken impl (broken_impls.py)."""
+import inspect
 import json
 import math
 import re
@@ -64,7 +65,10 @@ def test_threaded_rank_that_never_joins_is_named_with_the_collective():
     assert r.status == "error"
     assert r.error.startswith("timed out after 1.5 s: rank 1 never joined all_reduce; ranks 0, 2, 3 are waiting in "
                               "all_reduce [1] float32 (rank 1 has run no collective); rank 1 at "), r.error
-    assert r.error.endswith("broken_impls.py:33 in step"), r.error  # where the missing rank is
+    from . import broken_impls
+    lines, first = inspect.getsourcelines(broken_impls.never_joins)
+    sleep = first + next(i for i, line in enumerate(lines) if "time.sleep" in line)
+    assert r.error.endswith(f"broken_impls.py:{sleep} in step"), r.error  # where the missing rank is
 
 
 def _state(rank, current=None, last=None):
