@@ -16,8 +16,8 @@ from torch import Tensor
 
 from autosp.errors import AutoSPError
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -31,16 +31,16 @@ def runs(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
     """(output [B, H, S, Dv], log-sum-exp [B, H, S]) of ``scaled_dot_product_attention(q, k, v,
     is_causal=is_causal, scale=scale)``; k and v may have fewer heads than q (grouped)."""
-    out, lse = _FLASH(q, k, v, 0.0, is_causal, scale=scale)
+    out, lse = FLASH(q, k, v, 0.0, is_causal, scale=scale)
     return out, lse
 
 
 @cpu_flash_attention.register_fake
 def _(q, k, v, is_causal, scale):
-    return _FLASH(q, k, v, 0.0, is_causal, scale=scale)
+    return FLASH(q, k, v, 0.0, is_causal, scale=scale)
 
 
-def _standin_output(grad: Tensor, delta: Tensor) -> Tensor:
+def standin_output(grad: Tensor, delta: Tensor) -> Tensor:
     """O' with rowsum(grad * O') == delta (rows where grad is zero: zeros, and delta is 0 there)."""
     g = grad.to(delta.dtype)
     norm = (g * g).sum(-1)
@@ -59,12 +59,12 @@ def cpu_flash_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     """(dq, dk, dv) from torch's backward kernel, handed the stand-in output. One op, so that a
     compiled backward traces one node here, as it does for torch's attention, not each of the
     stand-in's ops."""
-    return _FLASH_BACKWARD(grad, q, k, v, _standin_output(grad, delta), lse, 0.0, is_causal, scale=scale)
+    return FLASH_BACKWARD(grad, q, k, v, standin_output(grad, delta), lse, 0.0, is_causal, scale=scale)
 
 
 @cpu_flash_attention_backward.register_fake
 def _(grad, q, k, v, lse, delta, is_causal, scale):
-    return _FLASH_BACKWARD(grad, q, k, v, grad, lse, 0.0, is_causal, scale=scale)  # shapes only: grad as the output
+    return FLASH_BACKWARD(grad, q, k, v, grad, lse, 0.0, is_causal, scale=scale)  # shapes only: grad as the output
 
 
 def _backward(ctx, grad, delta):

@@ -191,7 +191,7 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
         out, lse = torch.ops.autosp.masked_attention(
             q, k, v, leaves, program or program_of([], []), layout.length,
             scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,
-            *rows, once)
+            *rows, None, once)
         if once:
             return collectives.attention_to_seq(out, lse, 2, 1, num_heads, gkey, world, *block)
     return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world, *block)

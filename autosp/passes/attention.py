@@ -23,7 +23,9 @@ The attention itself:
 - a mask, or neither mask nor ``is_causal``: ``autosp::masked_attention`` with the mask factored
   into O(S) leaves (``masks.py``), rebuilt one block of query rows at a time; padded keys are
   never attended. The [S, S] nodes that built the mask become dead and are removed. What cannot
-  be factored is held whole (a warning and the ``dense_mask`` counter say so);
+  be factored is held whole (a warning and the ``dense_mask`` counter say so). A mask that is
+  causal at run time (``autosp::mask_is_causal``, checked once per mask and step: HF builds one
+  whenever it cannot prove under torch.compile that it needs none) takes torch's fused kernel;
 - attention dropout: torch's attention with the whole mask, padded (``_padded_mask``).
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ A2S = torch.ops.autosp.attention_to_seq.default
 MASKED = torch.ops.autosp.masked_attention.default
 FLASH = torch.ops.autosp.cpu_flash_attention.default
 GATHER_KV = torch.ops.autosp.gather_kv.default
+IS_CAUSAL = torch.ops.autosp.mask_is_causal.default
 
 
 def attention(ctx) -> None:
@@ -158,10 +161,25 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
     if R > 1 and is_causal:  # torch's is_causal would align the wrong corner for queries not at 0
         factored = masks.causal()
     rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
+    causal = _causal_flag(ctx, factored) if R == 1 and _cpu_flash(node) else None
     both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
-                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, once))
+                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, causal, once))
     ctx.counters["masked_attention"] += 1
     return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1)) if once else None
+
+
+def _causal_flag(ctx, factored):
+    """``autosp::mask_is_causal`` of a mask, one node per mask (every layer reads the same): a
+    mask that turns out causal at run time (HF builds one whenever it cannot prove it needs none)
+    gets torch's fused kernel. None for no mask. Only where that kernel runs (CPU for now: see
+    ``autosp.masked_attention._fused``); elsewhere the check would be a cost for nothing."""
+    if factored.program == masks.NO_MASK.program:
+        return None
+    key = (tuple(factored.leaves), factored.program)
+    if key not in ctx.causal_flags:  # made before the first attention of the mask: every later one sees it
+        ctx.causal_flags[key] = ctx.graph.call_function(IS_CAUSAL, (factored.leaves, factored.program, ctx.seq.node))
+        ctx.counters["causal_check"] += 1
+    return ctx.causal_flags[key]
 
 
 def _scaled_query(g, q, scale):

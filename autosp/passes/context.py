@@ -25,6 +25,7 @@ class PassContext:
     ulysses: int | None = None  # Ulysses degree U fixed by the user (None: the attention pass picks)
     attention_output: str = "auto"  # held "once" or "twice" for the backward (SPConfig)
     mask_region: set = field(default_factory=set)  # [S, S] mask nodes replaced by O(S) leaves
+    causal_flags: dict = field(default_factory=dict)  # (leaves, program) -> its mask_is_causal node
     _sizes: dict = field(default_factory=dict)
 
     @property

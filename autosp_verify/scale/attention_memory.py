@@ -111,6 +111,21 @@ class _Sizes:
         return self.b * self.h * rows * width * self.w
 
 
+def check_workspace(node, ev) -> int:
+    """``autosp::mask_is_causal``: one block's check (``causal_rows``), run on meta leaves."""
+    from autosp_verify.scale.workspace import StorageTracker
+    args = _args(node, ev)
+    leaves, program, length = args["leaves"], args["program"], int(args["length"])
+    key = ("causal_check", program, length, _key(leaves))
+    if key not in ev.cache:
+        tracker = StorageTracker().ignore(leaves)
+        with tracker:
+            ok = ma.causal_rows(program, leaves, ma.Block(0, ma.check_rows(length), length, torch.device("meta")))
+        ev.cache[key] = tracker.peak
+        del ok
+    return ev.cache[key]
+
+
 def forward_workspace(node, ev) -> int:
     return forward_bytes(_args(node, ev), ev.cache)
 

@@ -6,6 +6,7 @@ Two levels: the factoring and the op against torch's SDPA with the dense mask (f
 backward, float64, block sizes from one row to the whole sequence), and whole HF models through
 the verifier (causal, right/left-padded, packed documents) with blocks of one row."""
 import importlib
+import os
 import warnings
 
 import pytest
@@ -54,7 +55,7 @@ def _capture(fn, *inputs):
 def _attention(q, k, v, factored, values, block_elements, length=S):
     leaves = [values[leaf] for leaf in factored.leaves]
     return masked_attention(q, k, v, leaves, factored.program, length,
-                            D ** -0.5, q.shape[1] != k.shape[1], block_elements, "", 0)[0]
+                            D ** -0.5, q.shape[1] != k.shape[1], block_elements, "", 0, None)[0]
 
 
 def _qkv(kv_heads=H, rows=S):
@@ -68,6 +69,11 @@ def causal_and_documents(ids, positions):
     q, k = positions[:, None, :, None], positions[:, None, None, :]
     docs = (torch.diff(positions, prepend=positions[:, :1] - 1) != 1).cumsum(-1)
     return ((k <= q) & (docs[:, None, :, None] == docs[:, None, None, :])).expand(B, 1, -1, -1),
+
+
+def causal_and_key_padding(ids, positions):
+    q, k = positions[:, None, :, None], positions[:, None, None, :]
+    return (k <= q) & (ids != 0)[:, None, None, :],
 
 
 def key_padding_bidirectional(ids, positions):
@@ -92,7 +98,7 @@ def float_bias_from_bool(ids, positions):
     return torch.where(causal, torch.finfo(torch.float32).min, 0.0).to(torch.float64)[None, None],
 
 
-BUILDERS = [causal_and_documents, key_padding_bidirectional, sliding_window_additive, tril_and_eye,
+BUILDERS = [causal_and_documents, causal_and_key_padding, key_padding_bidirectional, sliding_window_additive, tril_and_eye,
             float_bias_from_bool]
 
 
@@ -148,6 +154,74 @@ def test_a_swapped_query_and_key_dim_is_caught():
         _attention(q, k, v, masks.FactoredMask(factored.leaves, swapped, []), values, 1)
 
 
+# --- the causal check: a mask found causal at run time takes torch's fused kernel ---------------
+
+def _one_document(last_key_padded=False):
+    ids = torch.randint(1, 9, (B, S), generator=torch.Generator().manual_seed(1))
+    if last_key_padded:  # differs from causal in one entry: the last query and key
+        ids[1, -1] = 0
+    return ids, torch.arange(S).expand(B, S).clone()
+
+
+# float_bias_from_bool hides keys with float32's lowest in a float64 mask: a finite bias there
+# (only -inf and the mask dtype's own lowest count as hidden), so it keeps the blocks
+CAUSAL = {"one_document": {"causal_and_documents", "causal_and_key_padding", "tril_and_eye"},
+          "last_key_padded": {"causal_and_documents", "tril_and_eye"},  # the eye shows it again
+          "padded_and_packed": set()}
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("batch", ["one_document", "last_key_padded", "padded_and_packed"])
+@pytest.mark.parametrize("check_elements", [2 * S, 1 << 22])  # two rows a block, one block
+def test_the_causal_check_is_true_exactly_for_causal_masks(builder, batch, check_elements, monkeypatch):
+    from autosp import masked_attention as ma
+    monkeypatch.setattr(ma, "_CHECK_ELEMENTS", check_elements)
+    inputs = _batch() if batch == "padded_and_packed" else _one_document(batch == "last_key_padded")
+    gm, symbol, mask, values, dense = _capture(builder, *inputs)
+    factored = masks.factor(mask, symbol)
+    found = ma.is_causal([values[leaf] for leaf in factored.leaves], factored.program, S)
+    tril = torch.ones(S, S, dtype=torch.bool).tril()
+    hidden = dense.eq(float("-inf")) | dense.eq(torch.finfo(dense.dtype).min) if dense.is_floating_point() else ~dense
+    visible = dense.eq(0) if dense.is_floating_point() else dense
+    assert found == bool(visible.eq(tril).all() and (visible | hidden).all())  # the dense mask says the same
+    assert found == (builder.__name__ in CAUSAL[batch])
+
+
+def _kernels(fixture, world_size, seq_len, monkeypatch=None, causal=None):
+    from autosp import masked_attention as ma
+    if causal is not None:  # negative control: a check that always (or never) says causal
+        monkeypatch.setattr(ma, "is_causal", lambda *args: causal)
+    ma.KERNELS.clear()
+    path = f"{FIXTURES}/{fixture}.py" if "/" not in fixture else fixture
+    result = verify_file(path, impl="autosp-eager", world_size=world_size, seq_len=seq_len)
+    return result, dict(ma.KERNELS)
+
+
+CHECKPOINTED_LLAMA = os.path.join(os.path.dirname(__file__), "checkpointed_llama.py")
+
+
+@pytest.mark.parametrize("fixture,world_size,seq_len", [("hf_qwen2", 3, 13), (CHECKPOINTED_LLAMA, 2, 16)],
+                         ids=["hf_qwen2-padded", "hf_llama-checkpointed"])
+def test_hf_causal_masks_take_the_fused_kernel_and_are_exact(fixture, world_size, seq_len):
+    """use_cache=False (set by the user, or by HF's activation checkpointing) makes HF build a mask
+    it cannot prove causal under torch.compile; at run time it is, and torch's kernel runs."""
+    result, kernels = _kernels(fixture, world_size, seq_len)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    assert kernels.get("fused", 0) > 0 and kernels.get("blocks", 0) == 0, kernels
+
+
+def test_packed_documents_keep_the_blocks():
+    result, kernels = _kernels("hf_qwen3_packed", 3, 13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    assert kernels.get("fused", 0) == 0 and kernels.get("blocks", 0) > 0, kernels
+
+
+def test_negative_control_a_check_that_always_says_causal_is_caught(monkeypatch):
+    result, kernels = _kernels("hf_qwen3_packed", 3, 13, monkeypatch, causal=True)
+    assert kernels.get("fused", 0) > 0
+    assert result.status == "fail", (result.status, result.error)
+
+
 # --- whole models through the verifier ----------------------------------------------------------
 
 ONE_ROW = autosp_impl("aot_eager", attention_block_elements=1)
@@ -177,6 +251,7 @@ def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
         autosp.compile(model, config=autosp.SPConfig(backend=keep)).warm_up(4, **batch)
     layers = model.config.num_hidden_layers
     assert autosp.COUNTERS["masked_attention"] == layers and autosp.COUNTERS["dense_mask"] == 0
+    assert autosp.COUNTERS["causal_check"] == 1  # one mask, checked once for every layer
     (gm,) = keep.graphs
     symbol = find_sequence(gm, 1).symbol
     squared = [n.name for n in gm.graph.nodes if len(seq_dims(example_value(n), symbol)) > 1]

@@ -45,13 +45,13 @@ def _run(batch, heads, kv_heads, seq_len, head_dim, dtype, block, gqa):
     args = dict(q=q, k=k, v=v, leaves=leaves, program=program, length=seq_len, scale=head_dim ** -0.5,
                 enable_gqa=gqa, block_elements=block)
     with one_thread(), PeakMemory() as peak:
-        out, lse = torch.ops.autosp.masked_attention(q, k, v, leaves, program, seq_len, head_dim ** -0.5, gqa, block, "", 0)
+        out, lse = torch.ops.autosp.masked_attention(q, k, v, leaves, program, seq_len, head_dim ** -0.5, gqa, block, "", 0, None)
     forward = peak.bytes - _bytes(out, lse)
     grad = torch.randn_like(out)
     delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), made by the autograd formula
     with one_thread(), PeakMemory() as peak:
         grads = torch.ops.autosp.masked_attention_backward(grad, q, k, v, delta, lse, leaves, program, seq_len,
-                                                           head_dim ** -0.5, gqa, block, "", 0)
+                                                           head_dim ** -0.5, gqa, block, "", 0, None)
     backward = peak.bytes - _bytes(*grads)
     return forward, backward, _meta({**args, "grad": grad, "delta": delta, "lse": lse})
 
