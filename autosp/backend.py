@@ -30,7 +30,7 @@ def backend_for(config: SPConfig, world_size: int | None = None, group_key: str 
     architecture. The group (its key: its ranks) is part of the key because the graph names it."""
     key = (config.seq_dim, config.padding, config.backend, config.passes, config.debug,
            config.checkpointing, config.checkpoint_min_bytes, config.attention_block_elements, config.ulysses,
-           config.attention_output, world_size, group_key)
+           config.attention_output, config.attention_kernel, world_size, group_key)
     if key not in _BACKENDS:
         _BACKENDS[key] = make_backend(config, group_key)
     return _BACKENDS[key]
@@ -42,7 +42,7 @@ def make_backend(config: SPConfig, group_key: str = collectives.WORLD):
         ctx = run_passes(gm, world_size=dist.get_world_size(group), group=group_key,
                          seq_dim=config.seq_dim, pipeline=config.passes, debug=config.debug,
                          block_elements=config.attention_block_elements, ulysses=config.ulysses,
-                         attention_output=config.attention_output)
+                         attention_output=config.attention_output, attention_kernel=config.attention_kernel)
         to_compile, example_inputs, own = own_symbol(ctx, example_inputs)
         if config.checkpointing == "selective":
             symbols = {ctx.seq.symbol} | ({own.symbol} if own is not None else set())

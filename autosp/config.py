@@ -14,6 +14,7 @@ SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "po
                    "token_type_ids", "shift_labels")
 PADDING_POLICIES = ("pad", "error")
 ATTENTION_OUTPUT = ("auto", "once", "twice")
+ATTENTION_KERNEL = ("auto", "blocks")
 
 
 @dataclass
@@ -53,6 +54,10 @@ class SPConfig:
         "auto" (default): "once" where that costs at most 2% more of the attention's all-to-all
         bytes (head dims of 16 and more), else "twice". Torch's CPU flash kernel and
         ``autosp::masked_attention`` can; elsewhere (CUDA's kernels for now) it is "twice".
+    attention_kernel: "auto" (default): a mask whose rows turn out at run time to be runs of
+        consecutive queries that see one range of keys each (causal, packed documents, padding:
+        ``autosp.mask_runs``) takes torch's fused kernel, once per run (CPU for now); other masks
+        the blocks. "blocks": every mask the blocks (``autosp.masked_attention``), to compare.
     """
     group: dist.ProcessGroup | None = None
     mesh: object | None = None
@@ -68,6 +73,7 @@ class SPConfig:
     attention_block_elements: int = DEFAULT_BLOCK_ELEMENTS
     ulysses: int | None = None
     attention_output: str = "auto"
+    attention_kernel: str = "auto"
 
     def __post_init__(self):
         from autosp.passes.registry import DEFAULT_PIPELINE, PASSES
@@ -105,6 +111,8 @@ class SPConfig:
             raise AutoSPError(f"ulysses must be a positive int (the Ulysses degree), got {self.ulysses!r}")
         if self.attention_output not in ATTENTION_OUTPUT:
             raise AutoSPError(f"attention_output must be one of {ATTENTION_OUTPUT}, got {self.attention_output!r}")
+        if self.attention_kernel not in ATTENTION_KERNEL:
+            raise AutoSPError(f"attention_kernel must be one of {ATTENTION_KERNEL}, got {self.attention_kernel!r}")
 
     def resolve_group(self) -> dist.ProcessGroup:
         if not dist.is_initialized():

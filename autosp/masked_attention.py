@@ -35,8 +35,6 @@ import torch
 from torch import Tensor
 
 from autosp.errors import AutoSPError
-from autosp.flash_attention import FLASH, FLASH_BACKWARD, standin_output
-from autosp.flash_attention import runs as flash_runs
 
 # Pointwise ops a mask program may use (broadcasting). ``expand``/``contiguous``/``clone`` are
 # identities here: the block's rows broadcast against the scores anyway.
@@ -241,8 +239,7 @@ def _offset(q: Tensor, group: str, ulysses: int) -> int:
     return _rank(group) // ulysses * q.shape[2]
 
 
-_CHECK_ELEMENTS = 1 << 22  # mask entries per block of rows the check evaluates
-# Forward calls by kernel: "fused" (torch's, the mask found causal) or "blocks". Process-wide.
+# Forward calls by kernel: "fused" (torch's, run by run: autosp/mask_runs.py) or "blocks". Process-wide.
 KERNELS: Counter = Counter()
 _KERNELS_LOCK = threading.Lock()
 
@@ -252,76 +249,27 @@ def _ran(kernel: str) -> None:
         KERNELS[kernel] += 1
 
 
-def _blocked(mask: Tensor) -> Tensor:
-    """Entries of an additive mask that hide their key (-inf, or the dtype's lowest: exp gives 0)."""
-    return (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
-
-
-def is_causal(leaves, program: str, length: int) -> bool:
-    """Whether the mask a program computes is exactly ``is_causal`` over the first ``length``
-    queries and keys: key j visible to query i if and only if j <= i. Evaluated a block of rows at
-    a time (O(S^2) comparisons, no [S, S] tensor): once per mask and step, not per attention."""
-    if not parse(program)[1] and not leaves:
-        return False  # no mask: every key visible
-    device = leaves[0].device if leaves else torch.device("cpu")
-    rows = check_rows(length)
-    return all(bool(causal_rows(program, leaves, Block(start, min(start + rows, length), length, device)))
-               for start in range(0, length, rows))
-
-
-def check_rows(length: int) -> int:
-    """Rows per block of ``is_causal``."""
-    return max(1, min(length, _CHECK_ELEMENTS // max(1, length)))
-
-
-def causal_rows(program: str, leaves, block: Block) -> Tensor:
-    """0-d bool: whether the block's rows of the mask are causal (see ``is_causal``)."""
-    mask = evaluate(program, leaves, block)
-    want = BLOCK_OPS["rows"](block) >= BLOCK_OPS["cols"](block)
-    if mask.dim() < 1 or mask.shape[-1] not in (1, block.length):
-        return torch.tensor(False)
-    if mask.dtype == torch.bool:
-        return (mask == want).all()
-    visible = mask == 0
-    return (visible == want).all() & (visible | _blocked(mask)).all()
-
-
-@torch.library.custom_op("autosp::mask_is_causal", mutates_args=())
-def mask_is_causal(leaves: list[Tensor], program: str, length: int) -> Tensor:
-    """``is_causal`` as a 0-d bool tensor, computed once per mask and handed to every
-    ``autosp::masked_attention`` of that mask (a graph node, so the passes insert it once)."""
-    return torch.tensor(is_causal(leaves, program, length))
-
-
-@mask_is_causal.register_fake
-def _(leaves, program, length):
-    return torch.empty((), dtype=torch.bool)
-
-
-def _fused(q: Tensor, k: Tensor, v: Tensor, group: str, causal: Tensor | None) -> bool:
-    """Whether torch's fused causal kernel computes this attention: the mask is causal
-    (``mask_is_causal``), q's rows start at position 0 (padded keys sit at the end, where no real
-    query looks) and the kernel runs here (CPU for now: CUDA's kernels hand back their log-sum-exp
-    in other layouts)."""
-    return causal is not None and not group and flash_runs(q, k, v) and bool(causal)
+def _runs(q, k, v, group, key_ranges, length):
+    from autosp import mask_runs  # it reads this module's programs
+    return mask_runs.fused(q, k, v, group, key_ranges, length)
 
 
 @torch.library.custom_op("autosp::masked_attention", mutates_args=())
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], program: str, length: int, scale: float, enable_gqa: bool,
-                     block_elements: int, group: str, ulysses: int, causal: Tensor | None,
+                     block_elements: int, group: str, ulysses: int, key_ranges: Tensor | None,
                      lse_grad_is_delta: bool = False) -> tuple[Tensor, Tensor]:
     """(attention output [B, H, S', Dv], log-sum-exp [B, H, S']) for [B, H, S', D] q; the log-sum-exp
     in float32 for half-precision inputs. q's rows are positions 0.. of the sequence (``group`` ""),
     or, given the group and the Ulysses degree of a two-level layout, those of this rank's block.
-    ``causal``: ``autosp::mask_is_causal`` of the same mask, or None; where it is true, torch's
-    fused causal kernel runs instead of the blocks (``_fused``).
+    ``key_ranges``: ``autosp::mask_key_ranges`` of the same mask, or None; where its rows are runs,
+    torch's fused kernel runs once per run instead of the blocks (``autosp/mask_runs.py``).
     ``lse_grad_is_delta``: the output is not saved; the backward takes rowsum(dO * O) as the
     log-sum-exp's gradient (the output goes to ``autosp::attention_to_seq``, which sends it)."""
-    if _fused(q, k, v, group, causal):
+    runs = _runs(q, k, v, group, key_ranges, length)
+    if runs is not None:
         _ran("fused")
-        out, lse = FLASH(q, k, v, 0.0, True, scale=scale)
-        out[:, :, length:] = 0  # padded queries give zeros, as below
-        return out, lse
+        from autosp import mask_runs
+        return mask_runs.forward(q, k, v, runs, scale, _work_dtype(q.dtype))
     _ran("blocks")
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
@@ -342,7 +290,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], prog
 
 
 @masked_attention.register_fake
-def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses, causal,
+def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses, key_ranges,
       lse_grad_is_delta=False):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return out, q.new_empty(q.shape[:-1], dtype=_work_dtype(q.dtype))
@@ -352,11 +300,11 @@ def _(q, k, v, leaves, program, length, scale, enable_gqa, block_elements, group
 def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor,
                               leaves: list[Tensor], program: str, length: int,
                               scale: float, enable_gqa: bool, block_elements: int, group: str,
-                              ulysses: int, causal: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    if _fused(q, k, v, group, causal):
-        grad = grad.clone()
-        grad[:, :, length:] = 0  # the padded queries' zeros took no part in the forward's result
-        return FLASH_BACKWARD(grad, q, k, v, standin_output(grad, delta), lse, 0.0, True, scale=scale)
+                              ulysses: int, key_ranges: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    runs = _runs(q, k, v, group, key_ranges, length)
+    if runs is not None:
+        from autosp import mask_runs
+        return mask_runs.backward(grad, q, k, v, delta, lse, runs, scale)
     groups = _groups(q, k, enable_gqa)
     work = _work_dtype(q.dtype)
     qw, kw, vw, gw = (t.to(work) for t in (q, k, v, grad))  # delta [B, H, S']: rowsum(dO * O), in work
@@ -378,20 +326,21 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, del
 
 
 @masked_attention_backward.register_fake
-def _(grad, q, k, v, delta, lse, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses, causal):
+def _(grad, q, k, v, delta, lse, leaves, program, length, scale, enable_gqa, block_elements, group, ulysses,
+      key_ranges):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, leaves, *args, causal, ctx.delta_from_grad = inputs  # inputs hold every argument, defaults too
+    q, k, v, leaves, *args, key_ranges, ctx.delta_from_grad = inputs  # inputs hold every argument, defaults too
     out = () if ctx.delta_from_grad else (output[0],)
-    ctx.save_for_backward(q, k, v, output[1], causal, *leaves, *out)
+    ctx.save_for_backward(q, k, v, output[1], key_ranges, *leaves, *out)
     ctx.leaves = len(leaves)
     ctx.args = tuple(args)  # program, length, scale, enable_gqa, block_elements, group, ulysses
 
 
 def _backward(ctx, grad, grad_lse):
-    q, k, v, lse, causal, *rest = ctx.saved_tensors
+    q, k, v, lse, key_ranges, *rest = ctx.saved_tensors
     leaves = rest[:ctx.leaves]
     if ctx.delta_from_grad:
         if grad_lse is None:
@@ -401,7 +350,7 @@ def _backward(ctx, grad, grad_lse):
     else:
         work = lse.dtype
         delta = (grad.to(work) * rest[-1].to(work)).sum(-1)
-    dq, dk, dv = masked_attention_backward(grad, q, k, v, delta, lse, leaves, *ctx.args, causal)
+    dq, dk, dv = masked_attention_backward(grad, q, k, v, delta, lse, leaves, *ctx.args, key_ranges)
     # torch drops a trailing argument equal to its default from the call: no gradient slot for it
     return (dq, dk, dv, [None] * len(leaves)) + (None,) * (len(ctx.args) + 1 + ctx.delta_from_grad)
 

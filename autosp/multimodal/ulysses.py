@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from autosp import collectives
-from autosp import flash_attention
+from autosp import flash_attention, mask_runs
 from autosp.collectives import ChunkLayout, kv_repeats, output_held_once, pad_to, sp_degrees
 from autosp.errors import AutoSPError
 from autosp.masked_attention import (DEFAULT_BLOCK_ELEMENTS, Block, ProgramBuilder, default_scale, evaluate,
@@ -188,10 +188,14 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
                                              dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
     else:
         rows = (gkey, U) if R > 1 else ("", 0)  # where this rank's queries start in the sequence
+        program = program or program_of([], [])
+        # a mask whose rows are runs (causal, packed documents, padding) takes torch's fused kernel
+        ranges = mask_runs.mask_key_ranges(leaves, program, layout.length, mask.shape[0] if mask is not None and
+                                           mask.dim() == 4 else 1) if R == 1 and flash_attention.runs(q, k, v) else None
         out, lse = torch.ops.autosp.masked_attention(
-            q, k, v, leaves, program or program_of([], []), layout.length,
+            q, k, v, leaves, program, layout.length,
             scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,
-            *rows, None, once)
+            *rows, ranges, once)
         if once:
             return collectives.attention_to_seq(out, lse, 2, 1, num_heads, gkey, world, *block)
     return collectives.head_to_seq(out, 2, 1, num_heads, gkey, world, *block)

@@ -23,9 +23,10 @@ The attention itself:
 - a mask, or neither mask nor ``is_causal``: ``autosp::masked_attention`` with the mask factored
   into O(S) leaves (``masks.py``), rebuilt one block of query rows at a time; padded keys are
   never attended. The [S, S] nodes that built the mask become dead and are removed. What cannot
-  be factored is held whole (a warning and the ``dense_mask`` counter say so). A mask that is
-  causal at run time (``autosp::mask_is_causal``, checked once per mask and step: HF builds one
-  whenever it cannot prove under torch.compile that it needs none) takes torch's fused kernel;
+  be factored is held whole (a warning and the ``dense_mask`` counter say so). A mask whose rows
+  are runs at run time (causal, packed documents, padding: ``autosp::mask_key_ranges``, once per
+  mask and step; HF builds one whenever it cannot prove under torch.compile that it needs none)
+  takes torch's fused kernel, once per run (``autosp/mask_runs.py``);
 - attention dropout: torch's attention with the whole mask, padded (``_padded_mask``).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import fx
 
 from autosp.collectives import kv_repeats, output_held_once, sp_degrees
 from autosp.errors import AutoSPError
-from autosp import flash_attention
+from autosp import flash_attention, mask_runs  # noqa: F401  (registers autosp::mask_key_ranges)
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
 from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
@@ -49,7 +50,7 @@ A2S = torch.ops.autosp.attention_to_seq.default
 MASKED = torch.ops.autosp.masked_attention.default
 FLASH = torch.ops.autosp.cpu_flash_attention.default
 GATHER_KV = torch.ops.autosp.gather_kv.default
-IS_CAUSAL = torch.ops.autosp.mask_is_causal.default
+KEY_RANGES = torch.ops.autosp.mask_key_ranges.default
 
 
 def attention(ctx) -> None:
@@ -161,25 +162,30 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
     if R > 1 and is_causal:  # torch's is_causal would align the wrong corner for queries not at 0
         factored = masks.causal()
     rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
-    causal = _causal_flag(ctx, factored) if R == 1 and _cpu_flash(node) else None
+    fusable = R == 1 and ctx.attention_kernel == "auto" and _cpu_flash(node)
+    ranges = _key_ranges(ctx, factored, mask) if fusable else None
     both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
-                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, causal, once))
+                                    ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, ranges, once))
     ctx.counters["masked_attention"] += 1
     return g.call_function(operator.getitem, (both, 0)), g.call_function(operator.getitem, (both, 1)) if once else None
 
 
-def _causal_flag(ctx, factored):
-    """``autosp::mask_is_causal`` of a mask, one node per mask (every layer reads the same): a
-    mask that turns out causal at run time (HF builds one whenever it cannot prove it needs none)
-    gets torch's fused kernel. None for no mask. Only where that kernel runs (CPU for now: see
-    ``autosp.masked_attention._fused``); elsewhere the check would be a cost for nothing."""
-    if factored.program == masks.NO_MASK.program:
+def _key_ranges(ctx, factored, mask):
+    """``autosp::mask_key_ranges`` of a mask, one node per mask (every layer reads the same): a
+    mask whose rows turn out to be runs at run time (HF builds one whenever it cannot prove it
+    needs none: causal, packed documents, padding) gets torch's fused kernel, once per run. None
+    for no mask, a batch size that is not a number, and where that kernel does not run (CPU only
+    for now: ``autosp/mask_runs.py``), where the check would cost for nothing."""
+    value = example_value(mask) if isinstance(mask, fx.Node) else None
+    batches = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 4 else 1
+    if factored.program == masks.NO_MASK.program or not isinstance(batches, int):
         return None
     key = (tuple(factored.leaves), factored.program)
-    if key not in ctx.causal_flags:  # made before the first attention of the mask: every later one sees it
-        ctx.causal_flags[key] = ctx.graph.call_function(IS_CAUSAL, (factored.leaves, factored.program, ctx.seq.node))
-        ctx.counters["causal_check"] += 1
-    return ctx.causal_flags[key]
+    if key not in ctx.key_ranges:  # made before the first attention of the mask: every later one sees it
+        ctx.key_ranges[key] = ctx.graph.call_function(KEY_RANGES, (factored.leaves, factored.program,
+                                                                   ctx.seq.node, batches))
+        ctx.counters["mask_key_ranges"] += 1
+    return ctx.key_ranges[key]
 
 
 def _scaled_query(g, q, scale):

@@ -24,8 +24,9 @@ class PassContext:
     block_elements: int = DEFAULT_BLOCK_ELEMENTS  # working memory of autosp::masked_attention
     ulysses: int | None = None  # Ulysses degree U fixed by the user (None: the attention pass picks)
     attention_output: str = "auto"  # held "once" or "twice" for the backward (SPConfig)
+    attention_kernel: str = "auto"  # "blocks": no mask takes the fused kernel (SPConfig)
     mask_region: set = field(default_factory=set)  # [S, S] mask nodes replaced by O(S) leaves
-    causal_flags: dict = field(default_factory=dict)  # (leaves, program) -> its mask_is_causal node
+    key_ranges: dict = field(default_factory=dict)  # (leaves, program) -> its mask_key_ranges node
     _sizes: dict = field(default_factory=dict)
 
     @property

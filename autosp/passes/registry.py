@@ -45,9 +45,9 @@ COUNTERS: Counter = Counter()
 def run_passes(gm: fx.GraphModule, *, world_size: int, group: str, seq_dim: int = 1,
                pipeline=DEFAULT_PIPELINE, debug: bool = False,
                block_elements: int = DEFAULT_BLOCK_ELEMENTS, ulysses: int | None = None,
-               attention_output: str = "auto") -> PassContext:
+               attention_output: str = "auto", attention_kernel: str = "auto") -> PassContext:
     ctx = PassContext(gm, find_sequence(gm, seq_dim), world_size, group, block_elements=block_elements,
-                      ulysses=ulysses, attention_output=attention_output)
+                      ulysses=ulysses, attention_output=attention_output, attention_kernel=attention_kernel)
     for node in gm.graph.nodes:
         node.meta.setdefault(VALUE_OF, node.name)
     ctx.seq.node.meta[SEQ_LEN] = True  # the placeholder holding S at run time, for the verifier

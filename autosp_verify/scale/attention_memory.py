@@ -111,18 +111,21 @@ class _Sizes:
         return self.b * self.h * rows * width * self.w
 
 
-def check_workspace(node, ev) -> int:
-    """``autosp::mask_is_causal``: one block's check (``causal_rows``), run on meta leaves."""
+def ranges_workspace(node, ev) -> int:
+    """``autosp::mask_key_ranges``: one block of its check (``block_ranges``), run on meta leaves,
+    plus its CPU output."""
+    from autosp import mask_runs
     from autosp_verify.scale.workspace import StorageTracker
     args = _args(node, ev)
     leaves, program, length = args["leaves"], args["program"], int(args["length"])
-    key = ("causal_check", program, length, _key(leaves))
+    key = ("key_ranges", program, length, _key(leaves))
     if key not in ev.cache:
         tracker = StorageTracker().ignore(leaves)
         with tracker:
-            ok = ma.causal_rows(program, leaves, ma.Block(0, ma.check_rows(length), length, torch.device("meta")))
+            found = mask_runs.block_ranges(program, leaves, ma.Block(0, mask_runs.check_rows(length), length,
+                                                                     torch.device("meta")))
         ev.cache[key] = tracker.peak
-        del ok
+        del found
     return ev.cache[key]
 
 

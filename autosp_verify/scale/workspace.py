@@ -7,11 +7,11 @@ more while it runs. Two ways to know how much, both from the code itself:
   tensors of the evaluated shapes and strides, on a fake process group, under a dispatch mode
   that tracks every storage it allocates and frees; the working memory is its peak minus its
   outputs. Exact for the code as it is, whatever it becomes.
-* **a model** (``autosp::masked_attention`` and its backward, ``autosp::mask_is_causal``): their
+* **a model** (``autosp::masked_attention`` and its backward, ``autosp::mask_key_ranges``): their
   bodies branch on the mask's values (data-dependent, cannot run on meta), so the count is
   written out here from reading the code, or replays one block (see ``attention_memory.py``).
-  Attention is counted as its blocks even where the mask turns out causal at run time and torch's
-  fused kernel runs instead, which needs less: an upper bound there.
+  Attention is counted as its blocks even where the mask's rows turn out to be runs at run time and
+  torch's fused kernel runs instead, which needs less: an upper bound there.
 
 Every other op is assumed to allocate only its outputs (true of the ATen ops AOTAutograd emits,
 up to kernel scratch space, which is not modelled).
@@ -29,7 +29,7 @@ from autosp_verify.scale import attention_memory
 
 _MODELLED = {"masked_attention": attention_memory.forward_workspace,
              "masked_attention_backward": attention_memory.backward_workspace,
-             "mask_is_causal": attention_memory.check_workspace}
+             "mask_key_ranges": attention_memory.ranges_workspace}
 
 
 class StorageTracker(TorchDispatchMode):

@@ -40,6 +40,7 @@ def test_padding_error_policy_refuses_an_indivisible_length():
     (dict(padding="truncate"), "padding must be one of"),
     (dict(passes=("layout", "nope")), "unknown passes"),
     (dict(seq_dim=-1), "seq_dim must be"),
+    (dict(attention_kernel="flash"), "attention_kernel must be one of"),
 ])
 def test_config_is_validated_up_front(kwargs, match):
     with pytest.raises(autosp.AutoSPError, match=match):

@@ -154,77 +154,113 @@ def test_a_swapped_query_and_key_dim_is_caught():
         _attention(q, k, v, masks.FactoredMask(factored.leaves, swapped, []), values, 1)
 
 
-# --- the causal check: a mask found causal at run time takes torch's fused kernel ---------------
+# --- runs: masks torch's fused kernel can apply, found at run time (autosp/mask_runs.py) ---------
 
 def _one_document(last_key_padded=False):
     ids = torch.randint(1, 9, (B, S), generator=torch.Generator().manual_seed(1))
-    if last_key_padded:  # differs from causal in one entry: the last query and key
+    if last_key_padded:  # one entry from causal: the last query of row 1 does not see itself
         ids[1, -1] = 0
     return ids, torch.arange(S).expand(B, S).clone()
 
 
-# float_bias_from_bool hides keys with float32's lowest in a float64 mask: a finite bias there
-# (only -inf and the mask dtype's own lowest count as hidden), so it keeps the blocks
-CAUSAL = {"one_document": {"causal_and_documents", "causal_and_key_padding", "tril_and_eye"},
-          "last_key_padded": {"causal_and_documents", "tril_and_eye"},  # the eye shows it again
-          "padded_and_packed": set()}
+def _kernel_mask(found, batches):
+    """The mask the fused kernel applies, run by run: a causal run's query j sees its keys up to
+    the j-th (torch's is_causal aligns the top-left corner), any other run all of its keys."""
+    visible = torch.zeros(batches, S, S, dtype=torch.bool)
+    for b, r0, r1, k0, k1, causal in found:
+        keys = torch.zeros(r1 - r0, S, dtype=torch.bool)
+        keys[:, k0:k1] = True
+        if causal:
+            keys &= torch.arange(S)[None, :] - k0 <= torch.arange(r1 - r0)[:, None]
+        visible[slice(None) if b < 0 else slice(b, b + 1), r0:r1] = keys
+    return visible
+
+
+FUSED = {("one_document", "causal_and_documents"), ("one_document", "causal_and_key_padding"),
+         ("one_document", "key_padding_bidirectional"), ("one_document", "tril_and_eye"),
+         ("last_key_padded", "causal_and_documents"), ("last_key_padded", "causal_and_key_padding"),
+         ("last_key_padded", "key_padding_bidirectional"), ("last_key_padded", "tril_and_eye"),
+         ("padded_and_packed", "causal_and_documents"), ("padded_and_packed", "key_padding_bidirectional")}
 
 
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("batch", ["one_document", "last_key_padded", "padded_and_packed"])
 @pytest.mark.parametrize("check_elements", [2 * S, 1 << 22])  # two rows a block, one block
-def test_the_causal_check_is_true_exactly_for_causal_masks(builder, batch, check_elements, monkeypatch):
-    from autosp import masked_attention as ma
-    monkeypatch.setattr(ma, "_CHECK_ELEMENTS", check_elements)
+def test_runs_give_the_kernel_exactly_the_mask(builder, batch, check_elements, monkeypatch):
+    """Where the rows are runs, the fused kernel run by run applies exactly the model's mask; the
+    sliding window, a finite bias (float32's lowest in a float64 mask: only -inf and the dtype's
+    own lowest hide a key) and positions out of order are not runs."""
+    from autosp import mask_runs
+    monkeypatch.setattr(mask_runs, "CHECK_ELEMENTS", check_elements)
     inputs = _batch() if batch == "padded_and_packed" else _one_document(batch == "last_key_padded")
     gm, symbol, mask, values, dense = _capture(builder, *inputs)
     factored = masks.factor(mask, symbol)
-    found = ma.is_causal([values[leaf] for leaf in factored.leaves], factored.program, S)
-    tril = torch.ones(S, S, dtype=torch.bool).tril()
-    hidden = dense.eq(float("-inf")) | dense.eq(torch.finfo(dense.dtype).min) if dense.is_floating_point() else ~dense
-    visible = dense.eq(0) if dense.is_floating_point() else dense
-    assert found == bool(visible.eq(tril).all() and (visible | hidden).all())  # the dense mask says the same
-    assert found == (builder.__name__ in CAUSAL[batch])
+    batches = dense.shape[0] if dense.dim() == 4 else 1
+    ranges = mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, batches)
+    found = mask_runs.runs(ranges, S)
+    assert (found is not None) == ((batch, builder.__name__) in FUSED), found
+    if found is not None:
+        visible = dense.eq(0) if dense.is_floating_point() else dense
+        assert torch.equal(_kernel_mask(found, batches), visible.reshape(-1, S, S).expand(batches, S, S))
 
 
-def _kernels(fixture, world_size, seq_len, monkeypatch=None, causal=None):
+def test_negative_control_runs_that_ignore_the_kernels_alignment_are_caught(monkeypatch):
+    """A sliding window's rows end at the diagonal but start before it: taken as causal runs, the
+    kernel would apply another mask, and the comparison above sees it."""
+    from autosp import mask_runs
+    monkeypatch.setattr(mask_runs, "_runs_of", _runs_without_alignment)
+    gm, symbol, mask, values, dense = _capture(sliding_window_additive, *_one_document())
+    factored = masks.factor(mask, symbol)
+    found = mask_runs.runs(mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, 1), S)
+    assert found is not None
+    assert not torch.equal(_kernel_mask(found, 1), dense.eq(0).reshape(1, S, S))
+
+
+def _runs_without_alignment(first, last, max_runs):
+    out = []
+    for r in range(first.numel()):
+        a, b = int(first[r]), int(last[r])
+        if a <= b:
+            out.append((r, r + 1, a, b + 1, b == r))
+    return out
+
+
+def _kernels(fixture, world_size, seq_len, verify_kwargs=(), **config):
     from autosp import masked_attention as ma
-    if causal is not None:  # negative control: a check that always (or never) says causal
-        monkeypatch.setattr(ma, "is_causal", lambda *args: causal)
     ma.KERNELS.clear()
     path = f"{FIXTURES}/{fixture}.py" if "/" not in fixture else fixture
-    result = verify_file(path, impl="autosp-eager", world_size=world_size, seq_len=seq_len)
+    result = verify_file(path, impl=autosp_impl("aot_eager", **config), world_size=world_size, seq_len=seq_len,
+                         **dict(verify_kwargs))
     return result, dict(ma.KERNELS)
 
 
 CHECKPOINTED_LLAMA = os.path.join(os.path.dirname(__file__), "checkpointed_llama.py")
 
 
-@pytest.mark.parametrize("fixture,world_size,seq_len", [("hf_qwen2", 3, 13), (CHECKPOINTED_LLAMA, 2, 16)],
-                         ids=["hf_qwen2-padded", "hf_llama-checkpointed"])
-def test_hf_causal_masks_take_the_fused_kernel_and_are_exact(fixture, world_size, seq_len):
-    """use_cache=False (set by the user, or by HF's activation checkpointing) makes HF build a mask
-    it cannot prove causal under torch.compile; at run time it is, and torch's kernel runs."""
+@pytest.mark.parametrize("fixture,world_size,seq_len", [
+    ("hf_qwen2", 3, 13), (CHECKPOINTED_LLAMA, 2, 16), ("hf_qwen3_packed", 3, 13), ("hf_olmo2_padded", 2, 11)],
+    ids=["hf_qwen2-causal", "hf_llama-checkpointed", "hf_qwen3-packed", "hf_olmo2-left-and-right-padded"])
+def test_hf_masks_take_the_fused_kernel_run_by_run_and_are_exact(fixture, world_size, seq_len):
+    """HF builds a mask whenever it cannot prove under torch.compile that it needs none
+    (use_cache=False, set by the user or by its activation checkpointing; packed documents;
+    padding); at run time its rows are runs, and torch's kernel runs once per run."""
     result, kernels = _kernels(fixture, world_size, seq_len)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert kernels.get("fused", 0) > 0 and kernels.get("blocks", 0) == 0, kernels
 
 
-def test_packed_documents_keep_the_blocks():
-    result, kernels = _kernels("hf_qwen3_packed", 3, 13)
-    assert result.passed, (result.status, result.error, result.failures[:5])
-    assert kernels.get("fused", 0) == 0 and kernels.get("blocks", 0) > 0, kernels
-
-
-def test_negative_control_a_check_that_always_says_causal_is_caught(monkeypatch):
-    result, kernels = _kernels("hf_qwen3_packed", 3, 13, monkeypatch, causal=True)
+def test_negative_control_one_run_over_packed_documents_is_caught(monkeypatch):
+    """Runs that ignore the documents (one causal run over the whole row): the verifier fails it."""
+    from autosp import mask_runs
+    monkeypatch.setattr(mask_runs, "runs", lambda ranges, length: [(-1, 0, length, 0, length, True)])
+    result, kernels = _kernels("hf_qwen3_packed", 3, 13, {"diagnose": False, "steps": 1})
     assert kernels.get("fused", 0) > 0
     assert result.status == "fail", (result.status, result.error)
 
 
 # --- whole models through the verifier ----------------------------------------------------------
 
-ONE_ROW = autosp_impl("aot_eager", attention_block_elements=1)
+ONE_ROW = autosp_impl("aot_eager", attention_block_elements=1, attention_kernel="blocks")
 
 
 class _GraphAfterPasses:
@@ -251,7 +287,7 @@ def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
         autosp.compile(model, config=autosp.SPConfig(backend=keep)).warm_up(4, **batch)
     layers = model.config.num_hidden_layers
     assert autosp.COUNTERS["masked_attention"] == layers and autosp.COUNTERS["dense_mask"] == 0
-    assert autosp.COUNTERS["causal_check"] == 1  # one mask, checked once for every layer
+    assert autosp.COUNTERS["mask_key_ranges"] == 1  # one mask, its runs found once for every layer
     (gm,) = keep.graphs
     symbol = find_sequence(gm, 1).symbol
     squared = [n.name for n in gm.graph.nodes if len(seq_dims(example_value(n), symbol)) > 1]
@@ -262,8 +298,12 @@ def test_hf_masks_leave_no_sequence_squared_value_in_the_graph(name):
 @pytest.mark.parametrize("world_size,seq_len", [pytest.param(2, 16, marks=pytest.mark.slow), (3, 13),
                                                 pytest.param(4, 11, marks=pytest.mark.slow)])
 def test_padded_and_packed_hf_models_are_exact_with_one_row_blocks(name, world_size, seq_len):
+    """SPConfig(attention_kernel="blocks"): the blocks, though these masks' rows are runs."""
+    from autosp.masked_attention import KERNELS
+    KERNELS.clear()
     result = verify_file(f"{FIXTURES}/{name}.py", impl=ONE_ROW, world_size=world_size, seq_len=seq_len)
     assert result.passed, (result.status, result.error, result.failures[:5])
+    assert KERNELS["blocks"] > 0 and KERNELS["fused"] == 0, dict(KERNELS)
 
 
 def test_a_mask_the_model_is_given_whole_is_exact_and_said():

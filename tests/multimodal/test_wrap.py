@@ -287,9 +287,13 @@ def test_hf_activation_checkpointing_is_exact_and_recomputes_once():
     the recompute runs Ulysses too. The verifier's saved-tensor walk must not trigger recomputes
     (each would run the layer's collectives again): the all-to-alls are the plain run's plus one
     forward of each recomputed layer, at most half as many again."""
+    from autosp.masked_attention import KERNELS
+    KERNELS.clear()
     checkpointed, plain_a2a, checkpointed_a2a = _checkpointed_a2a()
     assert checkpointed.status == "pass", (checkpointed.error, checkpointed.failures)
     assert plain_a2a < checkpointed_a2a <= 1.5 * plain_a2a, (plain_a2a, checkpointed_a2a)
+    # checkpointing turns use_cache off: HF's mask, causal, runs torch's fused kernel
+    assert KERNELS["fused"] > 0, dict(KERNELS)
 
 
 def test_recompute_outside_ulysses_is_caught(monkeypatch):

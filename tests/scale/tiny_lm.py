@@ -20,9 +20,10 @@ def inputs_fn(batch, seq_len, generator):
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: need >= 2")
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=generator, dtype=torch.int64)
-    # the last token is padding: HF's mask is not causal, so autosp's attention runs its blocks (a
-    # causal one takes torch's fused kernel, which the simulator counts as blocks: an upper bound)
+    # a token in the middle is masked out: the later rows see two ranges of keys, so autosp's
+    # attention runs its blocks (a mask of runs, causal or padded at an end, takes torch's fused
+    # kernel, which the simulator counts as blocks: an upper bound)
     attention_mask = torch.ones_like(ids)
-    attention_mask[:, -1] = 0
+    attention_mask[:, seq_len // 2] = 0
     labels = ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,181 @@
+"""Masks that torch's fused attention kernel can apply: found at run time, once a step.
+
+HF builds an attention mask whenever it cannot prove under ``torch.compile`` that it needs none
+(``use_cache=False``, which its activation checkpointing sets; packed documents; padding), and
+``autosp::masked_attention`` would apply it one block of rows at a time. Most such masks are
+*runs*: consecutive query rows that see one contiguous range of keys, either causally (the run's
+first row is its first key: a document, or the whole sequence) or all of it (right padding's
+rows, a bidirectional mask over the real keys); rows that see no key (left padding) give zeros.
+``autosp::mask_key_ranges`` finds the range of keys each row sees, a block of rows at a time
+(O(S^2) comparisons, once a step; O(S) memory): an int64 [batches, S, 2] tensor of (first key,
+last key), first > last for a row that sees none, every entry -1 when some row does not see one
+contiguous range. ``masked_attention`` cuts the rows into runs (``runs``) and calls torch's fused
+kernel once per run instead of its blocks. A mask that is not of that form (a sliding window, a
+finite bias, positions out of order) keeps the blocks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from autosp.flash_attention import FLASH, FLASH_BACKWARD, standin_output
+from autosp.flash_attention import runs as flash_runs
+from autosp.masked_attention import Block, evaluate, parse
+
+CHECK_ELEMENTS = 1 << 20  # mask entries per block of rows the check evaluates
+
+
+def _hidden(mask: Tensor) -> Tensor:
+    """Entries of an additive mask that hide their key: -inf, or the mask dtype's lowest."""
+    return (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
+
+
+def check_rows(length: int) -> int:
+    """Rows per block of the check."""
+    return max(1, min(length, CHECK_ELEMENTS // max(1, length)))
+
+
+def row_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor] | None:
+    """(first key, last key) each of the block's rows sees, [batches, rows] (an empty row: first
+    > last), or None when some row does not see one contiguous range or an additive mask has an
+    entry that is neither 0 nor hidden."""
+    found = block_ranges(program, leaves, block)
+    if found is None or not bool(found[2]):
+        return None
+    return found[0], found[1]
+
+
+def block_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``row_ranges`` before it reads a value: (first, last, whether every row is one range) as
+    tensors, so that it also runs on meta tensors (the scale simulator counts its memory)."""
+    mask = evaluate(program, leaves, block)
+    rows, length = block.stop - block.start, block.length
+    if mask is None or mask.dim() < 2 or mask.shape[-1] not in (1, length) or mask.shape[-2] not in (1, rows):
+        return None
+    if mask.dim() > 2 and any(d != 1 for d in mask.shape[1:-2]):
+        return None  # per-head masks
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    ok = (visible | _hidden(mask)).all() if mask.dtype != torch.bool else None
+    visible = visible.broadcast_to(*mask.shape[:-2], rows, length).reshape(-1, rows, length)
+    as_bytes = visible.view(torch.uint8)  # argmax finds the first True; no int64 copy of the block
+    first = as_bytes.argmax(-1, keepdim=True)
+    last = length - 1 - as_bytes.flip(-1).argmax(-1, keepdim=True)
+    keys = torch.arange(length, device=mask.device)
+    empty = ~visible.any(-1, keepdim=True)
+    # one contiguous range: the row is exactly first..last (bool work only, a few blocks' worth)
+    ranges = ((visible == ((keys >= first) & (keys <= last))).all(-1, keepdim=True) | empty).all()
+    first, last, empty = first.squeeze(-1), last.squeeze(-1), empty.squeeze(-1)
+    return first.masked_fill(empty, length), last.masked_fill(empty, -1), ranges if ok is None else ranges & ok
+
+
+def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
+    """Runs (first row, end row, first key, end key, causal) of one batch element's rows, from each
+    row's key range (first > last: none); None if they are not runs the kernel can take."""
+    n = first.numel()
+    rows, empty = torch.arange(n), first > last
+    same_first = ~empty[1:] & ~empty[:-1] & (first[1:] == first[:-1])
+    # how each row continues the one before it: 1 the same range, 2 one key more along the
+    # diagonal (causal), 3 both see nothing, 0 not at all
+    step = torch.zeros(n, dtype=torch.int64)
+    step[1:][same_first & (last[1:] == last[:-1])] = 1
+    step[1:][same_first & (last[1:] == rows[1:]) & (last[:-1] == rows[:-1])] = 2
+    step[1:][empty[1:] & empty[:-1]] = 3
+    start = step == 0
+    start[1:] |= (step[:-1] != 0) & (step[1:] != step[:-1])  # a change of kind starts a run
+    starts = start.nonzero().flatten().tolist()
+    if len(starts) > max_runs:
+        return None
+    out = []
+    for r0, r1 in zip(starts, starts[1:] + [n]):
+        a, b = int(first[r0]), int(last[r0])
+        if a > b:
+            continue  # rows that see nothing: zeros
+        causal = r1 - r0 > 1 and int(step[r0 + 1]) == 2
+        if causal and a != r0:
+            return None  # causal rows whose keys start before the run: not the kernel's alignment
+        out.append((r0, r1, a, r1 if causal else b + 1, causal))
+    return out
+
+
+def runs(ranges: Tensor, length: int) -> list[tuple] | None:
+    """(batch or -1 for all, first row, end row, first key, end key, causal) of every run, from
+    ``mask_key_ranges``; None where the rows are not runs, or too many (a sliding window is a run
+    per row: one kernel call per 16 rows or fewer would cost more than the blocks)."""
+    if ranges.numel() == 0 or int(ranges[0, 0, 0]) < 0:
+        return None
+    out = []
+    for b in range(ranges.shape[0]):
+        found = _runs_of(ranges[b, :length, 0], ranges[b, :length, 1], max_runs=8 + length // 16)
+        if found is None:
+            return None
+        out += [(b if ranges.shape[0] > 1 else -1, *run) for run in found]
+    return out
+
+
+def key_ranges(leaves, program: str, length: int, batches: int) -> Tensor:
+    """(first key, last key) of each of the first ``length`` rows of the mask a program computes,
+    [batches, length, 2] (see the module docstring)."""
+    out = torch.full((batches, length, 2), -1, dtype=torch.int64)
+    if not parse(program)[1] and not leaves:
+        return out  # no mask at all: every key visible, padded ones too
+    device = leaves[0].device if leaves else torch.device("cpu")
+    step = check_rows(length)
+    for start in range(0, length, step):
+        ranges = row_ranges(program, leaves, Block(start, min(start + step, length), length, device))
+        if ranges is None or ranges[0].shape[0] not in (1, batches):
+            return out.fill_(-1)
+        out[:, start:start + ranges[0].shape[1], 0] = ranges[0].cpu()
+        out[:, start:start + ranges[0].shape[1], 1] = ranges[1].cpu()
+    return out
+
+
+@torch.library.custom_op("autosp::mask_key_ranges", mutates_args=())
+def mask_key_ranges(leaves: list[Tensor], program: str, length: int, batches: int) -> Tensor:
+    """``key_ranges`` as an op (on CPU, whatever device the leaves are on): the passes insert one
+    per mask, handed to every attention of that mask."""
+    return key_ranges(leaves, program, length, batches)
+
+
+@mask_key_ranges.register_fake
+def _(leaves, program, length, batches):
+    return torch.empty(batches, length, 2, dtype=torch.int64)
+
+
+def fused(q: Tensor, k: Tensor, v: Tensor, group: str, ranges: Tensor | None, length: int) -> list | None:
+    """The runs, where torch's fused kernel computes this attention run by run: the mask has runs,
+    q's rows start at position 0 (``group`` ""), its batches are q's, and the kernel runs here (CPU
+    for now: CUDA's kernels hand back their log-sum-exp in other layouts). Else None."""
+    if ranges is None or group or ranges.shape[0] not in (1, q.shape[0]) or not flash_runs(q, k, v):
+        return None
+    return runs(ranges, length)
+
+
+def _batch(b: int):
+    return slice(None) if b < 0 else slice(b, b + 1)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, found: list, scale: float, work) -> tuple[Tensor, Tensor]:
+    """(output, log-sum-exp) run by run; rows in no run (padding, rows that see no key): zeros
+    and -inf, as the blocks give them."""
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
+    for b, r0, r1, k0, k1, causal in found:
+        rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
+        out[rows], lse[rows] = FLASH(q[rows], k[keys], v[keys], 0.0, causal, scale=scale)
+    return out, lse
+
+
+def backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, found: list,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) run by run from torch's backward kernel, handed the stand-in output (its
+    rowsum with the gradient is ``delta``: all the kernel reads the output for)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    standin = standin_output(grad, delta)
+    for b, r0, r1, k0, k1, causal in found:
+        rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
+        gq, gk, gv = FLASH_BACKWARD(grad[rows], q[rows], k[keys], v[keys], standin[rows], lse[rows], 0.0,
+                                    causal, scale=scale)
+        dq[rows] = gq
+        dk[keys] += gk
+        dv[keys] += gv
+    return dq, dk, dv
