@@ -192,11 +192,9 @@ def _step_worker(rank, world_size, port, mode, seq_len, batch, steps, warmup, ou
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     if mode == "plain":
         step = torch.compile(model, backend=backend, fullgraph=True)
-    else:
-        if mode == "autosp-blocks":  # what the run-time causal check saves: HF's mask kept on the blocks
-            from autosp import masked_attention
-            masked_attention.is_causal = lambda *args: False
-        step = autosp.compile(model, backend=backend)
+    else:  # "autosp-blocks": what the fused runs save (HF's mask kept on the blocks)
+        kernel = "blocks" if mode == "autosp-blocks" else "auto"
+        step = autosp.compile(model, config=autosp.SPConfig(backend=backend, attention_kernel=kernel))
     times = []
     for i in range(warmup + steps):
         ids = torch.randint(0, STEP["vocab"], (batch, seq_len), generator=torch.Generator().manual_seed(i))
@@ -253,8 +251,8 @@ def bench_step_time(quick: bool) -> dict:
              f"{STEP['kv_heads']} kv heads, vocab {STEP['vocab']}), backend={backend}, float32; one step = forward, "
              "backward, gradient all-reduce (P>1), SGD step; median of the slowest rank's step over "
              f"{steps} steps after {warmup} warm-up",
-             "use_cache=False: HF builds an attention mask; it is causal, so autosp runs torch's fused kernel "
-             "(autosp::mask_is_causal); 'mask on the blocks' turns that check off (autosp::masked_attention's blocks)",
+             "use_cache=False: HF builds an attention mask; its rows are one causal run, so autosp runs torch's "
+             "fused kernel (autosp/mask_runs.py); 'mask on the blocks': SPConfig(attention_kernel='blocks')",
              f"one intra-op thread per process; this machine has {cores} cores: P > {cores} oversubscribes "
              "(more processes than cores), so such rows measure contention as much as sequence parallelism"]
     text = table(f"CPU step time on gloo, total S={S}, B={B} (fixed total tokens {S * B})",
