@@ -123,6 +123,15 @@ def _no_sp(case) -> str:
     return f" (NO SP: a rank saves {sp['saved_ratio']:.2f}x one device)" if sp and not sp["happened"] else ""
 
 
+def _no_memory_saved(case) -> str:
+    """The mark for a case whose sequence was split (chunks moved) but whose largest rank saves
+    as much for its backward as one device (what stays whole outweighs what was split)."""
+    sp = (case.accounting or {}).get("sequence_parallel")
+    if not sp or not sp["happened"] or sp.get("memory_saved", True):
+        return ""
+    return f" (NO MEMORY SAVED: a rank saves {sp['saved_ratio']:.2f}x one device's activations)"
+
+
 def format_table(cases) -> str:
     shown = any(c.accounting for c in cases)
     timed = any((c.accounting or {}).get("compile_s") for c in cases)
@@ -133,7 +142,8 @@ def format_table(cases) -> str:
     for c in cases:
         grad = "-" if c.worst_grad is None else f"{c.worst_grad['name']} ({_num(c.worst_grad['rel_err'])})"
         rows.append((c.impl, c.simulator, str(c.world_size), str(c.seq_len), _num(c.loss_abs_err), grad,
-                     *(_accounting_cells(c, measured, timed) if shown else ()), c.status.upper() + _no_sp(c)))
+                     *(_accounting_cells(c, measured, timed) if shown else ()),
+                     c.status.upper() + _no_sp(c) + _no_memory_saved(c)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
@@ -157,4 +167,6 @@ def summary(cases) -> str:
     parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     unsplit = sum(bool(_no_sp(c)) for c in cases)
     parts += f"; {unsplit} without sequence parallelism" if unsplit else ""
+    unsaved = sum(bool(_no_memory_saved(c)) for c in cases)
+    parts += f"; {unsaved} saving no activation memory" if unsaved else ""
     return f"verdict: {verdict(cases)} ({len(cases)} case{'s' * (len(cases) != 1)}: {parts})"

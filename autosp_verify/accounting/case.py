@@ -51,20 +51,26 @@ def _collectives(spec, ref_data, rank_data):
     return out
 
 
-NO_SP_RATIO = 0.9  # a rank saving this share of one device's activations or more: no sequence split
+NO_SP_RATIO = 0.9  # a rank saving this share of one device's activations or more: no memory saved
+SEQUENCE_COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter")  # what moves sequence chunks
 
 
-def sequence_parallel(ref_data, rank_data, world_size) -> dict | None:
-    """Whether the sequence was split, from what every case measures anyway: the activations
-    the largest rank saves for its backward over the one device's (about 1/P plus what stays
-    whole when it was; 1 or more when every rank ran the whole sequence, which is exact too).
+def sequence_parallel(ref_data, rank_data, world_size, collectives=None) -> dict | None:
+    """Whether the sequence was split and whether that saved activation memory, from what every
+    case measures anyway: the activations the largest rank saves for its backward over the one
+    device's (about 1/P plus what stays whole when split; 1 or more when every rank ran the whole
+    sequence, which is exact too), and the collectives that move sequence chunks. A split that
+    saves nothing is real (a model whose saved activations are mostly outside the split layers:
+    activation checkpointing under autosp-wrap) and is said as such, not as no split.
     None at P=1 or when nothing was recorded."""
     ref_bytes = sum(b for _, b in ref_data.get("saved") or [])
     ranks = [sum(b for _, b in d.get("saved") or []) for d in rank_data if d.get("saved") is not None]
     if world_size < 2 or not ref_bytes or not ranks:
         return None
     ratio = max(ranks) / ref_bytes
-    return {"saved_ratio": ratio, "happened": ratio < NO_SP_RATIO}
+    measured = (collectives or {}).get("measured") or {}
+    moved = any(measured.get(kind, 0) for kind in SEQUENCE_COLLECTIVES)
+    return {"saved_ratio": ratio, "memory_saved": ratio < NO_SP_RATIO, "happened": ratio < NO_SP_RATIO or moved}
 
 
 def _memory(spec, base, batch, batch2, rank_data, rank_data2):
@@ -109,7 +115,7 @@ def account(case, ranks, *, memory=True) -> dict:
     ranks = [r for r in ranks if r is not None]  # the fake simulator runs only some ranks
     rank_data = [(r.get("probes") or {}).get(NAME) or {} for r in ranks]
     result = {"collectives": _collectives(spec, ref_data, rank_data)}
-    sp = sequence_parallel(ref_data, rank_data, spec.world_size)
+    sp = sequence_parallel(ref_data, rank_data, spec.world_size, result["collectives"])
     if sp is not None:
         result["sequence_parallel"] = sp
     if memory and rank_data and all(d.get("saved") is not None for d in rank_data):

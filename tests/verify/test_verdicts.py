@@ -110,3 +110,15 @@ def test_a_row_without_sequence_parallelism_is_marked(capsys):
     assert "PASS (NO SP: a rank saves 1.00x one device)" in out and "1 without sequence parallelism" in out, out
     assert main([os.path.join(HERE, "tiny_model.py"), "--impl", "autosp-eager", "--world-size", "2"]) == 0
     assert "NO SP" not in capsys.readouterr().out
+
+
+def test_a_split_that_saves_no_memory_is_not_called_no_sp(capsys):
+    """autosp-wrap with HF's activation checkpointing on a tiny Llama: the layers run Ulysses (the
+    all-to-alls move chunks), but a rank saves as much as one device (the checkpointed layers keep
+    only their inputs; the logits outside them stay whole). The row says that, not "NO SP"; the
+    whole-sequence impl above stays NO SP (it moves no chunk)."""
+    model = os.path.join(HERE, "..", "compiler", "checkpointed_llama.py")
+    assert main([model, "--impl", "autosp-wrap", "--world-size", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS (NO MEMORY SAVED: a rank saves" in out and "1 saving no activation memory" in out, out
+    assert "NO SP" not in out and "without sequence parallelism" not in out, out
