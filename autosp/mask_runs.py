@@ -10,8 +10,9 @@ rows, a bidirectional mask over the real keys); rows that see no key (left paddi
 (O(S^2) comparisons, once a step; O(S) memory): an int64 [batches, S, 2] tensor of (first key,
 last key), first > last for a row that sees none, every entry -1 when some row does not see one
 contiguous range. ``masked_attention`` cuts the rows into runs (``runs``) and calls torch's fused
-kernel once per run instead of its blocks. A mask that is not of that form (a sliding window, a
-finite bias, positions out of order) keeps the blocks.
+kernel once per run (``pieces``: twice for a causal run begun before a rank's block of queries)
+instead of its blocks. A mask that is not of that form (a sliding window, a finite bias,
+positions out of order) keeps the blocks.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from autosp.flash_attention import FLASH, FLASH_BACKWARD, standin_output
 from autosp.flash_attention import runs as flash_runs
-from autosp.masked_attention import Block, evaluate, parse
+from autosp.masked_attention import Block, ProgramBuilder, evaluate, parse
 
 CHECK_ELEMENTS = 1 << 20  # mask entries per block of rows the check evaluates
 
@@ -69,8 +70,8 @@ def block_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor, Te
 
 
 def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
-    """Runs (first row, end row, first key, end key, causal) of one batch element's rows, from each
-    row's key range (first > last: none); None if they are not runs the kernel can take."""
+    """Runs (first row, end row, first key, end key, causal: row r sees keys first..r) of one batch
+    element's rows, from each row's key range (first > last: none); None if there are too many."""
     n = first.numel()
     rows, empty = torch.arange(n), first > last
     same_first = ~empty[1:] & ~empty[:-1] & (first[1:] == first[:-1])
@@ -90,9 +91,7 @@ def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
         a, b = int(first[r0]), int(last[r0])
         if a > b:
             continue  # rows that see nothing: zeros
-        causal = r1 - r0 > 1 and int(step[r0 + 1]) == 2
-        if causal and a != r0:
-            return None  # causal rows whose keys start before the run: not the kernel's alignment
+        causal = r1 - r0 > 1 and int(step[r0 + 1]) == 2  # row r sees keys a..r
         out.append((r0, r1, a, r1 if causal else b + 1, causal))
     return out
 
@@ -112,12 +111,22 @@ def runs(ranges: Tensor, length: int) -> list[tuple] | None:
     return out
 
 
+def causal_program() -> str:
+    """``is_causal`` as a program (``autosp.passes.masks.causal``: queries not at position 0)."""
+    program = ProgramBuilder([])
+    program.emit("ge", [program.positions("rows"), program.positions("cols")])
+    return program.program()
+
+
 def key_ranges(leaves, program: str, length: int, batches: int) -> Tensor:
     """(first key, last key) of each of the first ``length`` rows of the mask a program computes,
     [batches, length, 2] (see the module docstring)."""
     out = torch.full((batches, length, 2), -1, dtype=torch.int64)
     if not parse(program)[1] and not leaves:
         return out  # no mask at all: every key visible, padded ones too
+    if not leaves and program == causal_program():  # O(S): row i sees 0..i
+        out[..., 0], out[..., 1] = 0, torch.arange(length)
+        return out
     device = leaves[0].device if leaves else torch.device("cpu")
     step = check_rows(length)
     for start in range(0, length, step):
@@ -141,41 +150,71 @@ def _(leaves, program, length, batches):
     return torch.empty(batches, length, 2, dtype=torch.int64)
 
 
-def fused(q: Tensor, k: Tensor, v: Tensor, group: str, ranges: Tensor | None, length: int) -> list | None:
-    """The runs, where torch's fused kernel computes this attention run by run: the mask has runs,
-    q's rows start at position 0 (``group`` ""), its batches are q's, and the kernel runs here (CPU
-    for now: CUDA's kernels hand back their log-sum-exp in other layouts). Else None."""
-    if ranges is None or group or ranges.shape[0] not in (1, q.shape[0]) or not flash_runs(q, k, v):
+def pieces(found: list, offset: int, rows: int) -> list[tuple]:
+    """The kernel calls for the ``rows`` queries from position ``offset`` (past the head count a
+    rank attends a block of the sequence's queries to all of its keys): (batch, first row, end
+    row, first key, end key, causal, merge), rows counted from ``offset``. Torch's ``is_causal``
+    aligns the top-left corner, so a causal run whose keys start before these rows (a document
+    begun on an earlier rank's block) is two calls over the same rows, merged by their
+    log-sum-exps: its earlier keys all visible, then the diagonal."""
+    out = []
+    for b, r0, r1, k0, k1, causal in found:
+        lo, hi = max(r0, offset), min(r1, offset + rows)
+        if lo >= hi:
+            continue
+        if not causal:
+            out.append((b, lo - offset, hi - offset, k0, k1, False, False))
+            continue
+        if k0 < lo:
+            out.append((b, lo - offset, hi - offset, k0, lo, False, False))
+        out.append((b, lo - offset, hi - offset, lo, hi, True, k0 < lo))
+    return out
+
+
+def fused(q: Tensor, k: Tensor, v: Tensor, ranges: Tensor | None, length: int, offset: int) -> list | None:
+    """The kernel calls (``pieces``) where torch's fused kernel computes this attention run by
+    run: the mask has runs, its batches are q's, and the kernel runs here (CPU for now: CUDA's
+    kernels hand back their log-sum-exp in other layouts). Else None."""
+    if ranges is None or ranges.shape[0] not in (1, q.shape[0]) or not flash_runs(q, k, v):
         return None
-    return runs(ranges, length)
+    found = runs(ranges, length)
+    return None if found is None else pieces(found, offset, q.shape[2])
 
 
 def _batch(b: int):
     return slice(None) if b < 0 else slice(b, b + 1)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, found: list, scale: float, work) -> tuple[Tensor, Tensor]:
-    """(output, log-sum-exp) run by run; rows in no run (padding, rows that see no key): zeros
-    and -inf, as the blocks give them."""
-    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+def forward(q: Tensor, k: Tensor, v: Tensor, calls: list, scale: float, work) -> tuple[Tensor, Tensor]:
+    """(output, log-sum-exp) call by call; rows in no call (padding, rows that see no key): zeros
+    and -inf, as the blocks give them. A call that ``merge``s adds its keys to the rows' earlier
+    call (softmax over both: weights from the two log-sum-exps)."""
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
-    for b, r0, r1, k0, k1, causal in found:
+    for b, r0, r1, k0, k1, causal, merge in calls:
         rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
-        out[rows], lse[rows] = FLASH(q[rows], k[keys], v[keys], 0.0, causal, scale=scale)
-    return out, lse
+        o, l = FLASH(q[rows], k[keys], v[keys], 0.0, causal, scale=scale)
+        if merge:
+            both = torch.logaddexp(lse[rows], l)
+            out[rows] = out[rows] * (lse[rows] - both).exp().unsqueeze(-1) + o * (l - both).exp().unsqueeze(-1)
+            lse[rows] = both
+        else:
+            out[rows], lse[rows] = o, l
+    return out.to(q.dtype), lse
 
 
-def backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, found: list,
+def backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, calls: list,
              scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) run by run from torch's backward kernel, handed the stand-in output (its
-    rowsum with the gradient is ``delta``: all the kernel reads the output for)."""
+    """(dq, dk, dv) call by call from torch's backward kernel, handed the whole attention's
+    log-sum-exp and the stand-in output (its rowsum with the gradient is ``delta``: all the kernel
+    reads the output for): each call's share of the gradients, summed."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     standin = standin_output(grad, delta)
-    for b, r0, r1, k0, k1, causal in found:
+    for b, r0, r1, k0, k1, causal, _ in calls:
         rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
         gq, gk, gv = FLASH_BACKWARD(grad[rows], q[rows], k[keys], v[keys], standin[rows], lse[rows], 0.0,
                                     causal, scale=scale)
-        dq[rows] = gq
+        dq[rows] += gq
         dk[keys] += gk
         dv[keys] += gv
     return dq, dk, dv

@@ -249,9 +249,9 @@ def _ran(kernel: str) -> None:
         KERNELS[kernel] += 1
 
 
-def _runs(q, k, v, group, key_ranges, length):
+def _runs(q, k, v, group, ulysses, key_ranges, length):
     from autosp import mask_runs  # it reads this module's programs
-    return mask_runs.fused(q, k, v, group, key_ranges, length)
+    return mask_runs.fused(q, k, v, key_ranges, length, _offset(q, group, ulysses))
 
 
 @torch.library.custom_op("autosp::masked_attention", mutates_args=())
@@ -265,7 +265,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], prog
     torch's fused kernel runs once per run instead of the blocks (``autosp/mask_runs.py``).
     ``lse_grad_is_delta``: the output is not saved; the backward takes rowsum(dO * O) as the
     log-sum-exp's gradient (the output goes to ``autosp::attention_to_seq``, which sends it)."""
-    runs = _runs(q, k, v, group, key_ranges, length)
+    runs = _runs(q, k, v, group, ulysses, key_ranges, length)
     if runs is not None:
         _ran("fused")
         from autosp import mask_runs
@@ -301,7 +301,7 @@ def masked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, del
                               leaves: list[Tensor], program: str, length: int,
                               scale: float, enable_gqa: bool, block_elements: int, group: str,
                               ulysses: int, key_ranges: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    runs = _runs(q, k, v, group, key_ranges, length)
+    runs = _runs(q, k, v, group, ulysses, key_ranges, length)
     if runs is not None:
         from autosp import mask_runs
         return mask_runs.backward(grad, q, k, v, delta, lse, runs, scale)

@@ -162,7 +162,7 @@ def _attend(ctx, node, qkv, mask, is_causal, dropout, gqa, U, R, once):
     if R > 1 and is_causal:  # torch's is_causal would align the wrong corner for queries not at 0
         factored = masks.causal()
     rows = (ctx.group, U) if R > 1 else ("", 0)  # where this rank's queries start
-    fusable = R == 1 and ctx.attention_kernel == "auto" and _cpu_flash(node)
+    fusable = ctx.attention_kernel == "auto" and _cpu_flash(node)
     ranges = _key_ranges(ctx, factored, mask) if fusable else None
     both = g.call_function(MASKED, (q_in, k2, v2, factored.leaves, factored.program,
                                     ctx.seq.node, float(scale), gqa, ctx.block_elements, *rows, ranges, once))
@@ -175,7 +175,8 @@ def _key_ranges(ctx, factored, mask):
     mask whose rows turn out to be runs at run time (HF builds one whenever it cannot prove it
     needs none: causal, packed documents, padding) gets torch's fused kernel, once per run. None
     for no mask, a batch size that is not a number, and where that kernel does not run (CPU only
-    for now: ``autosp/mask_runs.py``), where the check would cost for nothing."""
+    for now: ``autosp/mask_runs.py``), where the check would cost for nothing. Past the head
+    count too (``is_causal`` there is ``masks.causal()``, whose ranges take O(S))."""
     value = example_value(mask) if isinstance(mask, fx.Node) else None
     batches = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 4 else 1
     if factored.program == masks.NO_MASK.program or not isinstance(batches, int):

@@ -163,16 +163,17 @@ def _one_document(last_key_padded=False):
     return ids, torch.arange(S).expand(B, S).clone()
 
 
-def _kernel_mask(found, batches):
-    """The mask the fused kernel applies, run by run: a causal run's query j sees its keys up to
-    the j-th (torch's is_causal aligns the top-left corner), any other run all of its keys."""
+def _kernel_mask(calls, batches, offset=0):
+    """The mask the fused kernel applies call by call to the rows from ``offset``: a causal call's
+    query j sees its keys up to the j-th (torch's is_causal aligns the top-left corner), any other
+    call all of its keys; calls over the same rows add up."""
     visible = torch.zeros(batches, S, S, dtype=torch.bool)
-    for b, r0, r1, k0, k1, causal in found:
+    for b, r0, r1, k0, k1, causal, merge in calls:
         keys = torch.zeros(r1 - r0, S, dtype=torch.bool)
         keys[:, k0:k1] = True
         if causal:
             keys &= torch.arange(S)[None, :] - k0 <= torch.arange(r1 - r0)[:, None]
-        visible[slice(None) if b < 0 else slice(b, b + 1), r0:r1] = keys
+        visible[slice(None) if b < 0 else slice(b, b + 1), offset + r0:offset + r1] |= keys
     return visible
 
 
@@ -187,9 +188,10 @@ FUSED = {("one_document", "causal_and_documents"), ("one_document", "causal_and_
 @pytest.mark.parametrize("batch", ["one_document", "last_key_padded", "padded_and_packed"])
 @pytest.mark.parametrize("check_elements", [2 * S, 1 << 22])  # two rows a block, one block
 def test_runs_give_the_kernel_exactly_the_mask(builder, batch, check_elements, monkeypatch):
-    """Where the rows are runs, the fused kernel run by run applies exactly the model's mask; the
-    sliding window, a finite bias (float32's lowest in a float64 mask: only -inf and the dtype's
-    own lowest hide a key) and positions out of order are not runs."""
+    """Where the rows are runs, the fused kernel call by call applies exactly the model's mask, to
+    every row (offset 0) and to a rank's block of rows past the head count (offset 5: documents
+    begun before it); the sliding window, a finite bias (float32's lowest in a float64 mask: only
+    -inf and the dtype's own lowest hide a key) and positions out of order are not runs."""
     from autosp import mask_runs
     monkeypatch.setattr(mask_runs, "CHECK_ELEMENTS", check_elements)
     inputs = _batch() if batch == "padded_and_packed" else _one_document(batch == "last_key_padded")
@@ -200,29 +202,23 @@ def test_runs_give_the_kernel_exactly_the_mask(builder, batch, check_elements, m
     found = mask_runs.runs(ranges, S)
     assert (found is not None) == ((batch, builder.__name__) in FUSED), found
     if found is not None:
-        visible = dense.eq(0) if dense.is_floating_point() else dense
-        assert torch.equal(_kernel_mask(found, batches), visible.reshape(-1, S, S).expand(batches, S, S))
+        visible = (dense.eq(0) if dense.is_floating_point() else dense).reshape(-1, S, S).expand(batches, S, S)
+        assert torch.equal(_kernel_mask(mask_runs.pieces(found, 0, S), batches), visible)
+        block = _kernel_mask(mask_runs.pieces(found, 5, 4), batches, offset=5)
+        assert torch.equal(block[:, 5:9], visible[:, 5:9]) and not block[:, :5].any() and not block[:, 9:].any()
 
 
-def test_negative_control_runs_that_ignore_the_kernels_alignment_are_caught(monkeypatch):
-    """A sliding window's rows end at the diagonal but start before it: taken as causal runs, the
-    kernel would apply another mask, and the comparison above sees it."""
+def test_negative_control_causal_runs_begun_before_the_block_taken_whole_are_caught():
+    """Without the split, a causal run begun before a block's rows would be one is_causal call
+    from its first key: the block's first query would see one key, not all before it."""
     from autosp import mask_runs
-    monkeypatch.setattr(mask_runs, "_runs_of", _runs_without_alignment)
-    gm, symbol, mask, values, dense = _capture(sliding_window_additive, *_one_document())
+    gm, symbol, mask, values, dense = _capture(causal_and_documents, *_one_document())
     factored = masks.factor(mask, symbol)
-    found = mask_runs.runs(mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, 1), S)
-    assert found is not None
-    assert not torch.equal(_kernel_mask(found, 1), dense.eq(0).reshape(1, S, S))
-
-
-def _runs_without_alignment(first, last, max_runs):
-    out = []
-    for r in range(first.numel()):
-        a, b = int(first[r]), int(last[r])
-        if a <= b:
-            out.append((r, r + 1, a, b + 1, b == r))
-    return out
+    found = mask_runs.runs(mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, B), S)
+    unsplit = [(b, max(r0, 5) - 5, min(r1, 9) - 5, k0, min(r1, 9), causal, False) for b, r0, r1, k0, k1, causal in found]
+    want = dense.reshape(-1, S, S)[:, 5:9]
+    assert not torch.equal(_kernel_mask(unsplit, B, offset=5)[:, 5:9], want)
+    assert torch.equal(_kernel_mask(mask_runs.pieces(found, 5, 4), B, offset=5)[:, 5:9], want)
 
 
 def _kernels(fixture, world_size, seq_len, verify_kwargs=(), **config):

@@ -34,8 +34,12 @@ def test_the_compiler_keeps_ulysses_while_the_heads_allow_then_sends_the_fewest_
 
 @pytest.mark.parametrize("world_size,seq_len", [(8, 16), (8, 13), pytest.param(16, 32, marks=pytest.mark.slow), (16, 29)])
 def test_four_heads_are_exact_past_the_head_count(world_size, seq_len):
+    from autosp.masked_attention import KERNELS
+    KERNELS.clear()
     r = verify_file(FEW_HEADS, world_size=world_size, seq_len=seq_len, steps=1)
     assert r.status == "pass", (r.error, r.failures)
+    # each rank's block of queries: torch's kernel, twice where the causal run began on an earlier block
+    assert KERNELS["fused"] > 0 and KERNELS["blocks"] == 0, dict(KERNELS)
     collectives = r.accounting["collectives"]
     assert collectives["at_minimum"], collectives
     layers = 2
