@@ -189,7 +189,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, calls: list, scale: float, work) ->
     """(output, log-sum-exp) call by call; rows in no call (padding, rows that see no key): zeros
     and -inf, as the blocks give them. A call that ``merge``s adds its keys to the rows' earlier
     call (softmax over both: weights from the two log-sum-exps)."""
-    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work)
+    merging = any(call[6] for call in calls)  # then the output adds up in the working precision
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work if merging else q.dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
     for b, r0, r1, k0, k1, causal, merge in calls:
         rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
