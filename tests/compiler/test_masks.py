@@ -231,15 +231,19 @@ def _kernels(fixture, world_size, seq_len, verify_kwargs=(), **config):
 
 
 CHECKPOINTED_LLAMA = os.path.join(os.path.dirname(__file__), "checkpointed_llama.py")
+TOKENIZED_LLAMA = os.path.join(os.path.dirname(__file__), "tokenized_llama.py")
 
 
 @pytest.mark.parametrize("fixture,world_size,seq_len", [
-    ("hf_qwen2", 3, 13), (CHECKPOINTED_LLAMA, 2, 16), ("hf_qwen3_packed", 3, 13), ("hf_olmo2_padded", 2, 11)],
-    ids=["hf_qwen2-causal", "hf_llama-checkpointed", "hf_qwen3-packed", "hf_olmo2-left-and-right-padded"])
+    ("hf_qwen2", 3, 13), (CHECKPOINTED_LLAMA, 2, 16), (TOKENIZED_LLAMA, 2, 13), ("hf_qwen3_packed", 3, 13),
+    ("hf_olmo2_padded", 2, 11)],
+    ids=["hf_qwen2-causal", "hf_llama-checkpointed", "hf_llama-mask-of-ones", "hf_qwen3-packed",
+         "hf_olmo2-left-and-right-padded"])
 def test_hf_masks_take_the_fused_kernel_run_by_run_and_are_exact(fixture, world_size, seq_len):
     """HF builds a mask whenever it cannot prove under torch.compile that it needs none
-    (use_cache=False, set by the user or by its activation checkpointing; packed documents;
-    padding); at run time its rows are runs, and torch's kernel runs once per run."""
+    (use_cache=False, set by the user or by its activation checkpointing; a tokenizer's mask of
+    ones; packed documents; padding); at run time its rows are runs, and torch's kernel runs once
+    per run."""
     result, kernels = _kernels(fixture, world_size, seq_len)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert kernels.get("fused", 0) > 0 and kernels.get("blocks", 0) == 0, kernels
