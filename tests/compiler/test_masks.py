@@ -98,8 +98,8 @@ def float_bias_from_bool(ids, positions):
     return torch.where(causal, torch.finfo(torch.float32).min, 0.0).to(torch.float64)[None, None],
 
 
-BUILDERS = [causal_and_documents, causal_and_key_padding, key_padding_bidirectional, sliding_window_additive, tril_and_eye,
-            float_bias_from_bool]
+BUILDERS = [causal_and_documents, causal_and_key_padding, key_padding_bidirectional, sliding_window_additive,
+            tril_and_eye, float_bias_from_bool]
 
 
 def _batch():
@@ -215,7 +215,8 @@ def test_negative_control_causal_runs_begun_before_the_block_taken_whole_are_cau
     gm, symbol, mask, values, dense = _capture(causal_and_documents, *_one_document())
     factored = masks.factor(mask, symbol)
     found = mask_runs.runs(mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, B), S)
-    unsplit = [(b, max(r0, 5) - 5, min(r1, 9) - 5, k0, min(r1, 9), causal, False) for b, r0, r1, k0, k1, causal in found]
+    unsplit = [(b, max(r0, 5) - 5, min(r1, 9) - 5, k0, min(r1, 9), causal, False)
+               for b, r0, r1, k0, k1, causal in found]
     want = dense.reshape(-1, S, S)[:, 5:9]
     assert not torch.equal(_kernel_mask(unsplit, B, offset=5)[:, 5:9], want)
     assert torch.equal(_kernel_mask(mask_runs.pieces(found, 5, 4), B, offset=5)[:, 5:9], want)
