@@ -40,16 +40,32 @@ def row_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor] | No
     """(first key, last key) each of the block's rows sees, [batches, rows] (an empty row: first
     > last), or None when some row does not see one contiguous range or an additive mask has an
     entry that is neither 0 nor hidden."""
-    found = block_ranges(program, leaves, block)
+    mask = evaluate(program, leaves, block)
+    causal = _causal_rows(mask, block)
+    if causal is not None:
+        return causal
+    found = block_ranges(program, leaves, block, mask)
     if found is None or not bool(found[2]):
         return None
     return found[0], found[1]
 
 
-def block_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor, Tensor] | None:
+def _causal_rows(mask: Tensor | None, block: Block) -> tuple[Tensor, Tensor] | None:
+    """The block's ranges when its rows are exactly causal (row i sees keys 0..i: the common
+    case, in a third of the work of ``block_ranges``), else None."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != block.length:
+        return None
+    rows = torch.arange(block.start, block.stop, device=mask.device)
+    if not bool((mask == (torch.arange(block.length, device=mask.device) <= rows[:, None])).all()):
+        return None
+    return torch.zeros(1, len(rows), dtype=torch.int64), rows.cpu()[None]
+
+
+def block_ranges(program: str, leaves, block: Block, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """``row_ranges`` before it reads a value: (first, last, whether every row is one range) as
-    tensors, so that it also runs on meta tensors (the scale simulator counts its memory)."""
-    mask = evaluate(program, leaves, block)
+    tensors, so that it also runs on meta tensors (the scale simulator counts its memory).
+    ``mask``: the block's rows of the mask, when already evaluated."""
+    mask = evaluate(program, leaves, block) if mask is None else mask
     rows, length = block.stop - block.start, block.length
     if mask is None or mask.dim() < 2 or mask.shape[-1] not in (1, length) or mask.shape[-2] not in (1, rows):
         return None
