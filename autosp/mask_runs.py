@@ -53,7 +53,8 @@ def row_ranges(program: str, leaves, block: Block) -> tuple[Tensor, Tensor] | No
 def _causal_rows(mask: Tensor | None, block: Block) -> tuple[Tensor, Tensor] | None:
     """The block's ranges when its rows are exactly causal (row i sees keys 0..i: the common
     case, in a third of the work of ``block_ranges``), else None."""
-    if mask is None or mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != block.length:
+    if mask is None or mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != block.length \
+            or mask.shape[-2] not in (1, block.stop - block.start):
         return None
     rows = torch.arange(block.start, block.stop, device=mask.device)
     if not bool((mask == (torch.arange(block.length, device=mask.device) <= rows[:, None])).all()):
