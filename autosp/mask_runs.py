@@ -21,7 +21,7 @@ from torch import Tensor
 
 from autosp.flash_attention import FLASH, FLASH_BACKWARD, standin_output
 from autosp.flash_attention import runs as flash_runs
-from autosp.masked_attention import Block, ProgramBuilder, evaluate, parse
+from autosp.masked_attention import CAUSAL_PROGRAM, Block, evaluate, parse
 
 CHECK_ELEMENTS = 1 << 20  # mask entries per block of rows the check evaluates
 
@@ -128,20 +128,13 @@ def runs(ranges: Tensor, length: int) -> list[tuple] | None:
     return out
 
 
-def causal_program() -> str:
-    """``is_causal`` as a program (``autosp.passes.masks.causal``: queries not at position 0)."""
-    program = ProgramBuilder([])
-    program.emit("ge", [program.positions("rows"), program.positions("cols")])
-    return program.program()
-
-
 def key_ranges(leaves, program: str, length: int, batches: int) -> Tensor:
     """(first key, last key) of each of the first ``length`` rows of the mask a program computes,
     [batches, length, 2] (see the module docstring)."""
     out = torch.full((batches, length, 2), -1, dtype=torch.int64)
     if not parse(program)[1] and not leaves:
         return out  # no mask at all: every key visible, padded ones too
-    if not leaves and program == causal_program():  # O(S): row i sees 0..i
+    if not leaves and program == CAUSAL_PROGRAM:  # O(S): row i sees 0..i
         out[..., 0], out[..., 1] = 0, torch.arange(length)
         return out
     device = leaves[0].device if leaves else torch.device("cpu")
@@ -165,6 +158,12 @@ def mask_key_ranges(leaves: list[Tensor], program: str, length: int, batches: in
 @mask_key_ranges.register_fake
 def _(leaves, program, length, batches):
     return torch.empty(batches, length, 2, dtype=torch.int64)
+
+
+def batches_of(mask) -> int:
+    """The batch size a mask's key ranges are kept for: its first dim when it has batch and
+    heads dims ([B, 1, S, S]), else 1 (it broadcasts over the batch)."""
+    return mask.shape[0] if mask.dim() == 4 else 1
 
 
 def pieces(found: list, offset: int, rows: int) -> list[tuple]:

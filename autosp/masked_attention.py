@@ -131,6 +131,17 @@ class ProgramBuilder:
         return program_of(self.q_dims, self.ops)
 
 
+def _causal_program() -> str:
+    program = ProgramBuilder([])
+    program.emit("ge", [program.positions("rows"), program.positions("cols")])
+    return program.program()
+
+
+# ``is_causal`` as a program: query position >= key position (queries that do not start at
+# position 0, where torch's ``is_causal`` would align the wrong corner).
+CAUSAL_PROGRAM = _causal_program()
+
+
 @dataclass(frozen=True)
 class Block:
     """Query rows ``start:stop`` of a mask over ``length`` keys."""

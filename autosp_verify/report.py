@@ -127,7 +127,7 @@ def _no_memory_saved(case) -> str:
     """The mark for a case whose sequence was split (chunks moved) but whose largest rank saves
     as much for its backward as one device (what stays whole outweighs what was split)."""
     sp = (case.accounting or {}).get("sequence_parallel")
-    if not sp or not sp["happened"] or sp.get("memory_saved", True):
+    if not sp or not sp["happened"] or sp["memory_saved"]:
         return ""
     return f" (NO MEMORY SAVED: a rank saves {sp['saved_ratio']:.2f}x one device's activations)"
 

@@ -190,8 +190,9 @@ def ulysses_sdpa(ctx: BlockContext, query, key, value, attn_mask=None, dropout_p
         rows = (gkey, U) if R > 1 else ("", 0)  # where this rank's queries start in the sequence
         program = program or program_of([], [])
         # a mask whose rows are runs (causal, packed documents, padding) takes torch's fused kernel
-        ranges = mask_runs.mask_key_ranges(leaves, program, layout.length, mask.shape[0] if mask is not None and
-                                           mask.dim() == 4 else 1) if flash_attention.runs(q, k, v) else None
+        batches = mask_runs.batches_of(mask) if mask is not None else 1
+        ranges = mask_runs.mask_key_ranges(leaves, program, layout.length, batches) \
+            if flash_attention.runs(q, k, v) else None
         out, lse = torch.ops.autosp.masked_attention(
             q, k, v, leaves, program, layout.length,
             scale if scale is not None else default_scale(q.shape[-1]), enable_gqa, DEFAULT_BLOCK_ELEMENTS,

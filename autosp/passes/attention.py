@@ -40,7 +40,7 @@ from torch import fx
 
 from autosp.collectives import kv_repeats, output_held_once, sp_degrees
 from autosp.errors import AutoSPError
-from autosp import flash_attention, mask_runs  # noqa: F401  (registers autosp::mask_key_ranges)
+from autosp import flash_attention, mask_runs
 from autosp.masked_attention import default_scale
 from autosp.passes import masks
 from autosp.passes.layout import RULE, SHARDED, SeqLayout, call_arg, example_value, source_line, stands_for
@@ -178,7 +178,7 @@ def _key_ranges(ctx, factored, mask):
     for now: ``autosp/mask_runs.py``), where the check would cost for nothing. Past the head
     count too (``is_causal`` there is ``masks.causal()``, whose ranges take O(S))."""
     value = example_value(mask) if isinstance(mask, fx.Node) else None
-    batches = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 4 else 1
+    batches = mask_runs.batches_of(value) if isinstance(value, torch.Tensor) else 1
     if factored.program == masks.NO_MASK.program or not isinstance(batches, int):
         return None
     key = (tuple(factored.leaves), factored.program)

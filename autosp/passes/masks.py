@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from autosp.masked_attention import ProgramBuilder, program_of
+from autosp.masked_attention import CAUSAL_PROGRAM, ProgramBuilder, program_of
 from autosp.passes.layout import example_value, seq_dims, size_expr
 
 Q, K = "q", "k"
@@ -71,9 +71,7 @@ NO_MASK = FactoredMask([], program_of([], []), [])
 def causal() -> FactoredMask:
     """``is_causal`` as a program: query position >= key position (for queries that do not start
     at position 0, where torch's ``is_causal`` would align the wrong corner)."""
-    program = ProgramBuilder([])
-    program.emit("ge", [program.positions("rows"), program.positions("cols")])
-    return FactoredMask([], program.program(), [])
+    return FactoredMask([], CAUSAL_PROGRAM, [])
 
 
 class NotFactorable(Exception):

@@ -112,8 +112,8 @@ class _Sizes:
 
 
 def ranges_workspace(node, ev) -> int:
-    """``autosp::mask_key_ranges``: one block of its check (``block_ranges``), run on meta leaves,
-    plus its CPU output."""
+    """``autosp::mask_key_ranges``: one block of its check (``block_ranges``), run on meta leaves
+    (its output, [batches, S, 2], is the graph's to count)."""
     from autosp import mask_runs
     from autosp_verify.scale.workspace import StorageTracker
     args = _args(node, ev)
