@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from autosp import collectives
 from autosp.backend import backend_for
 from autosp.config import SPConfig
-from autosp.errors import AutoSPError
+from autosp.errors import AutoSPError, OutputNeedsOtherRanks
 
 def _mark(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
     """A new alias of ``t`` with its sequence dim marked dynamic (the caller's tensor is untouched)."""
@@ -52,6 +54,14 @@ def prepare_autosp_inputs(input_id, label_id, position_id=None, attention_mask=N
     if input_id is None or label_id is None:
         raise AutoSPError("input_id and label_id are required")
     return prepare_inputs(input_id, label_id, position_id, attention_mask, seq_dim=seq_dim)
+
+
+def _takes(model, name: str) -> bool:
+    """Whether the model's forward has a parameter ``name``."""
+    try:
+        return name in inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _loss_of(out):
@@ -103,6 +113,7 @@ class CompiledSP:
         compile_kwargs.setdefault("fullgraph", True)
         self._compile_kwargs = compile_kwargs
         self._compiled = {}  # group key -> torch.compile'd model
+        self._cache_off = False  # use_cache=False passed (see OutputNeedsOtherRanks)
 
     def _for_group(self, key: str, size: int):
         if key not in self._compiled:
@@ -157,6 +168,21 @@ class CompiledSP:
         if length is not None and length % size and self.config.padding == "error":
             raise AutoSPError(f"sequence length {length} is not divisible by the group size {size} "
                               "(padding='error')")
+        try:
+            return self._run(key, size, args, kwargs)
+        except OutputNeedsOtherRanks as e:
+            if "use_cache" in kwargs or not _takes(self.model, "use_cache"):
+                raise
+            # A KV cache is for generation, which a training step under SP is not; HF's
+            # sliding-window cache would need the sequence's last positions on every rank.
+            warnings.warn(f"autosp.compile: the model's KV cache cannot be kept ({e}); building none from "
+                          "now on (use_cache=False, as HF does under activation checkpointing)", stacklevel=3)
+            self._cache_off = True
+            return self._run(key, size, args, kwargs)
+
+    def _run(self, key, size, args, kwargs):
+        if self._cache_off:
+            kwargs = {**kwargs, "use_cache": False}
         try:
             # No duck sizing: another dynamic dim equal to the length must not share its symbol.
             with fx_config.patch(use_duck_shape=False), hf_warnings_ignored():

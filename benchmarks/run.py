@@ -79,7 +79,7 @@ COMPILE_MODELS = {
     "hf_qwen3_packed": ("hf_qwen3_packed", {}),
     "hf_olmo2_padded": ("hf_olmo2_padded", {}),
     "hf_llama@4": ("hf_llama", {"num_hidden_layers": 4}),
-    "hf_llama head_dim 64": ("hf_llama", {"hidden_size": 512, "intermediate_size": 1024}),
+    "hf_llama head_dim 64": ("hf_llama", {"hidden_size": 512, "intermediate_size": 1024, "head_dim": 64}),
 }
 QUICK_COMPILE_MODELS = ("hf_llama", "hf_llama@4", "hf_llama head_dim 64")
 
@@ -103,7 +103,7 @@ def bench_compile(quick: bool) -> dict:
     from autosp_verify.accounting import compile_times
     from autosp_verify.core import CaseSpec, build_case
 
-    backends = [("autosp", "aot_eager", 3)] if quick else [("autosp", "aot_eager", 5), ("autosp-inductor", "inductor", 2)]
+    backends = [("autosp", "aot_eager", 5)] if quick else [("autosp", "aot_eager", 5), ("autosp-inductor", "inductor", 2)]
     models = QUICK_COMPILE_MODELS if quick else tuple(COMPILE_MODELS)
     P, S, B = 4, 64, 2
     rows, data, warmed = [], [], False

@@ -10,6 +10,7 @@ import operator
 import torch
 from torch import fx
 
+from autosp.errors import OutputNeedsOtherRanks
 from autosp.passes import ops
 from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, call_arg, example_value,
                                   layout_of, linear_coeffs, refuse, seq_dims, size_expr)
@@ -192,6 +193,10 @@ def seq_reduction(an, node) -> SeqLayout:
             node.meta[RULE] = "seq_sum"
             return REPLICATED_LAYOUT
     if key is operator.getitem:
+        if all(user.op == "output" for user in node.users):  # kept for the caller, read by nothing here
+            raise OutputNeedsOtherRanks(refuse(node, "it picks positions of the sequence for an output (HF's "
+                                                     "sliding-window KV cache keeps the last ones): pass "
+                                                     "use_cache=False").args[0])
         raise refuse(node, "it picks positions of the sequence (e.g. last-token or class-token "
                            "pooling): not supported on a sharded sequence")
     raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")

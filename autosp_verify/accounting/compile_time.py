@@ -26,11 +26,18 @@ def _same_start() -> None:
     them; models compiled earlier in the process compile again on their next call), no garbage
     of the compile before (collected here, not inside the timing) and sympy's expression cache
     empty (it lives across compiles in a process, so the side measured second would find the
-    first one's sizes cached)."""
+    first one's sizes cached), nor FakeTensor's dispatch cache (also process-wide). The heap
+    left by the process's earlier compiles is frozen (``gc.freeze``): otherwise the collections
+    during a compile scan it, and their cost grows with every compile measured before (single
+    compiles moved by +-25%)."""
     import sympy.core.cache
+    from torch._subclasses.fake_tensor import FakeTensorMode
     torch._dynamo.reset()
     sympy.core.cache.clear_cache()
+    FakeTensorMode.cache_clear()
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
 
 
 def compile_times(spec, base, batch, pairs: int = 1) -> dict | None:
@@ -51,9 +58,12 @@ def compile_times(spec, base, batch, pairs: int = 1) -> dict | None:
     runs = []
     with lifted_recompile_limit(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        for i in range(pairs):
-            order = ("plain", "autosp") if i % 2 == 0 else ("autosp", "plain")
-            runs.append({side: _timed(side, spec, base, batch, backend) for side in order})
+        try:
+            for i in range(pairs):
+                order = ("plain", "autosp") if i % 2 == 0 else ("autosp", "plain")
+                runs.append({side: _timed(side, spec, base, batch, backend) for side in order})
+        finally:
+            gc.unfreeze()
     median = lambda side, j: statistics.median(r[side][j] for r in runs)  # noqa: E731
     return {"with_passes": median("autosp", 0), "without": median("plain", 0),
             "with_passes_cpu": median("autosp", 1), "without_cpu": median("plain", 1),
