@@ -11,9 +11,17 @@ rows, a bidirectional mask over the real keys); rows that see no key (left paddi
 last key), first > last for a row that sees none, every entry -1 when some row does not see one
 contiguous range. ``masked_attention`` cuts the rows into runs (``runs``) and calls torch's fused
 kernel once per run (``pieces``: twice for a causal run begun before a rank's block of queries)
-instead of its blocks. A mask that is not of that form (a sliding window, a finite bias,
-positions out of order) keeps the blocks.
+instead of its blocks. A sliding window (row r sees the W keys up to r) is a run too, taken W - 1
+rows at a time (``_window_pieces``). A mask that is not of that form (a finite bias, positions
+out of order, a window of a few keys: too many calls) keeps the blocks.
+
+A kernel call (``pieces``) is (batch, first row, end row, first key, end key, kind, merge): kind
+ALL (every row sees every key), CAUSAL (torch's ``is_causal``: the j-th row sees the first j + 1
+keys, the top-left corner) or FLIPPED (the same on rows and keys in reverse order: the j-th of
+R rows sees the keys from the j-th on, the bottom-right corner); ``merge``: the call adds its
+keys to an earlier call over the same rows (softmax over both, by their log-sum-exps).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,6 +32,8 @@ from autosp.flash_attention import runs as flash_runs
 from autosp.masked_attention import CAUSAL_PROGRAM, Block, evaluate, parse
 
 CHECK_ELEMENTS = 1 << 20  # mask entries per block of rows the check evaluates
+ALL, CAUSAL, FLIPPED = 0, 1, 2  # a kernel call's kind (the module doc)
+FIXED, CAUSAL_RUN, WINDOW = 0, 1, 2  # a run's kind: one range, causal from its first key, a sliding window
 
 
 def _hidden(mask: Tensor) -> Tensor:
@@ -87,17 +97,23 @@ def block_ranges(program: str, leaves, block: Block, mask: Tensor | None = None)
 
 
 def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
-    """Runs (first row, end row, first key, end key, causal: row r sees keys first..r) of one batch
-    element's rows, from each row's key range (first > last: none); None if there are too many."""
+    """Runs (first row, end row, first key, end key, kind) of one batch element's rows, from each
+    row's key range (first > last: none); None if there are too many. Kinds: FIXED (every row sees
+    first key..end key), CAUSAL_RUN (row r sees keys first..r), WINDOW (row r sees the keys from
+    r - (first row - first key) to r)."""
     n = first.numel()
     rows, empty = torch.arange(n), first > last
-    same_first = ~empty[1:] & ~empty[:-1] & (first[1:] == first[:-1])
+    seen = ~empty[1:] & ~empty[:-1]
+    same_first = seen & (first[1:] == first[:-1])
+    diagonal = (last[1:] == rows[1:]) & (last[:-1] == rows[:-1])
     # how each row continues the one before it: 1 the same range, 2 one key more along the
-    # diagonal (causal), 3 both see nothing, 0 not at all
+    # diagonal (causal), 3 both see nothing, 4 the range moved one key along the diagonal (a
+    # window), 0 not at all
     step = torch.zeros(n, dtype=torch.int64)
     step[1:][same_first & (last[1:] == last[:-1])] = 1
-    step[1:][same_first & (last[1:] == rows[1:]) & (last[:-1] == rows[:-1])] = 2
+    step[1:][same_first & diagonal] = 2
     step[1:][empty[1:] & empty[:-1]] = 3
+    step[1:][seen & (first[1:] == first[:-1] + 1) & diagonal] = 4
     start = step == 0
     start[1:] |= (step[:-1] != 0) & (step[1:] != step[:-1])  # a change of kind starts a run
     starts = start.nonzero().flatten().tolist()
@@ -108,15 +124,15 @@ def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
         a, b = int(first[r0]), int(last[r0])
         if a > b:
             continue  # rows that see nothing: zeros
-        causal = r1 - r0 > 1 and int(step[r0 + 1]) == 2  # row r sees keys a..r
-        out.append((r0, r1, a, r1 if causal else b + 1, causal))
+        kind = {2: CAUSAL_RUN, 4: WINDOW}.get(int(step[r0 + 1]), FIXED) if r1 - r0 > 1 else FIXED
+        out.append((r0, r1, a, b + 1 if kind == FIXED else r1, kind))
     return out
 
 
 def runs(ranges: Tensor, length: int) -> list[tuple] | None:
-    """(batch or -1 for all, first row, end row, first key, end key, causal) of every run, from
-    ``mask_key_ranges``; None where the rows are not runs, or too many (a sliding window is a run
-    per row: one kernel call per 16 rows or fewer would cost more than the blocks)."""
+    """(batch or -1 for all, first row, end row, first key, end key, kind) of every run, from
+    ``mask_key_ranges``; None where the rows are not runs, or too many (one kernel call per 16 rows
+    or fewer would cost more than the blocks)."""
     if ranges.numel() == 0 or int(ranges[0, 0, 0]) < 0:
         return None
     out = []
@@ -167,23 +183,41 @@ def batches_of(mask) -> int:
 
 
 def pieces(found: list, offset: int, rows: int) -> list[tuple]:
-    """The kernel calls for the ``rows`` queries from position ``offset`` (past the head count a
-    rank attends a block of the sequence's queries to all of its keys): (batch, first row, end
-    row, first key, end key, causal, merge), rows counted from ``offset``. Torch's ``is_causal``
-    aligns the top-left corner, so a causal run whose keys start before these rows (a document
-    begun on an earlier rank's block) is two calls over the same rows, merged by their
-    log-sum-exps: its earlier keys all visible, then the diagonal."""
+    """The kernel calls (the module doc) for the ``rows`` queries from position ``offset`` (past
+    the head count a rank attends a block of the sequence's queries to all of its keys), rows
+    counted from ``offset``. Torch's ``is_causal`` aligns the top-left corner, so a causal run
+    whose keys start before these rows (a document begun on an earlier rank's block) is two calls
+    over the same rows, merged: its earlier keys all visible, then the diagonal."""
     out = []
-    for b, r0, r1, k0, k1, causal in found:
+    for b, r0, r1, k0, k1, kind in found:
         lo, hi = max(r0, offset), min(r1, offset + rows)
         if lo >= hi:
             continue
-        if not causal:
-            out.append((b, lo - offset, hi - offset, k0, k1, False, False))
-            continue
-        if k0 < lo:
-            out.append((b, lo - offset, hi - offset, k0, lo, False, False))
-        out.append((b, lo - offset, hi - offset, lo, hi, True, k0 < lo))
+        if kind == WINDOW:
+            out += [(b, s0 - offset, s1 - offset, *keys) for s0, s1, *keys in _window_pieces(lo, hi, r0 - k0 + 1)]
+        elif kind == FIXED:
+            out.append((b, lo - offset, hi - offset, k0, k1, ALL, False))
+        else:
+            if k0 < lo:
+                out.append((b, lo - offset, hi - offset, k0, lo, ALL, False))
+            out.append((b, lo - offset, hi - offset, lo, hi, CAUSAL, k0 < lo))
+    return out
+
+
+def _window_pieces(lo: int, hi: int, width: int) -> list[tuple]:
+    """Calls (first row, end row, first key, end key, kind, merge) for rows lo..hi of a sliding
+    window (row r sees keys r - width + 1..r), R <= width - 1 rows at a time from row a: the
+    diagonal a..a+R causally; the R keys from a - width + 1 FLIPPED (row a + j sees those from
+    the j-th on); the keys between, up to a, by every row."""
+    if width == 1:  # each row sees only itself
+        return [(r, r + 1, r, r + 1, ALL, False) for r in range(lo, hi)]
+    out = []
+    for a in range(lo, hi, width - 1):
+        end = min(a + width - 1, hi)
+        low = a - width + 1
+        out += [(a, end, a, end, CAUSAL, False), (a, end, low, low + end - a, FLIPPED, True)]
+        if low + end - a < a:
+            out.append((a, end, low + end - a, a, ALL, True))
     return out
 
 
@@ -194,11 +228,18 @@ def fused(q: Tensor, k: Tensor, v: Tensor, ranges: Tensor | None, length: int, o
     if ranges is None or ranges.shape[0] not in (1, q.shape[0]) or not flash_runs(q, k, v):
         return None
     found = runs(ranges, length)
-    return None if found is None else pieces(found, offset, q.shape[2])
+    calls = None if found is None else pieces(found, offset, q.shape[2])
+    return None if calls is None or len(calls) > 2 * (8 + length // 16) else calls  # windows of a few keys
 
 
 def _batch(b: int):
     return slice(None) if b < 0 else slice(b, b + 1)
+
+
+def _flipped(kind: int, *tensors: Tensor) -> list[Tensor]:
+    """The tensors ([B, H, S, D], or log-sum-exps [B, H, S]) in reverse sequence order for a
+    FLIPPED call (as they are otherwise): the reverse of a flipped call's rows and keys is causal."""
+    return [t.flip(2) if kind == FLIPPED else t for t in tensors]
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, calls: list, scale: float, work) -> tuple[Tensor, Tensor]:
@@ -208,9 +249,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, calls: list, scale: float, work) ->
     merging = any(call[6] for call in calls)  # then the output adds up in the working precision
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=work if merging else q.dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=work)
-    for b, r0, r1, k0, k1, causal, merge in calls:
+    for b, r0, r1, k0, k1, kind, merge in calls:
         rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
-        o, l = FLASH(q[rows], k[keys], v[keys], 0.0, causal, scale=scale)
+        o, l = _flipped(kind, *FLASH(*_flipped(kind, q[rows], k[keys], v[keys]), 0.0, kind != ALL, scale=scale)[:2])
         if merge:
             both = torch.logaddexp(lse[rows], l)
             out[rows] = out[rows] * (lse[rows] - both).exp().unsqueeze(-1) + o * (l - both).exp().unsqueeze(-1)
@@ -227,10 +268,10 @@ def backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: 
     reads the output for): each call's share of the gradients, summed."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     standin = standin_output(grad, delta)
-    for b, r0, r1, k0, k1, causal, _ in calls:
+    for b, r0, r1, k0, k1, kind, _ in calls:
         rows, keys = (_batch(b), slice(None), slice(r0, r1)), (_batch(b), slice(None), slice(k0, k1))
-        gq, gk, gv = FLASH_BACKWARD(grad[rows], q[rows], k[keys], v[keys], standin[rows], lse[rows], 0.0,
-                                    causal, scale=scale)
+        inputs = _flipped(kind, grad[rows], q[rows], k[keys], v[keys], standin[rows], lse[rows])
+        gq, gk, gv = _flipped(kind, *FLASH_BACKWARD(*inputs, 0.0, kind != ALL, scale=scale)[:3])
         dq[rows] += gq
         dk[keys] += gk
         dv[keys] += gv

@@ -165,14 +165,19 @@ def _one_document(last_key_padded=False):
 
 def _kernel_mask(calls, batches, offset=0):
     """The mask the fused kernel applies call by call to the rows from ``offset``: a causal call's
-    query j sees its keys up to the j-th (torch's is_causal aligns the top-left corner), any other
-    call all of its keys; calls over the same rows add up."""
+    query j sees its keys up to the j-th (torch's is_causal aligns the top-left corner), a flipped
+    call is a causal one on rows and keys in reverse order (the j-th of R rows sees the keys from
+    the (K - R + j)-th on), any other call all of its keys; calls over the same rows add up."""
+    from autosp.mask_runs import CAUSAL, FLIPPED
     visible = torch.zeros(batches, S, S, dtype=torch.bool)
-    for b, r0, r1, k0, k1, causal, merge in calls:
+    for b, r0, r1, k0, k1, kind, merge in calls:
         keys = torch.zeros(r1 - r0, S, dtype=torch.bool)
         keys[:, k0:k1] = True
-        if causal:
-            keys &= torch.arange(S)[None, :] - k0 <= torch.arange(r1 - r0)[:, None]
+        key, row = torch.arange(S)[None, :] - k0, torch.arange(r1 - r0)[:, None]
+        if kind == CAUSAL:
+            keys &= key <= row
+        elif kind == FLIPPED:  # reversed: key K-1-m is visible to row R-1-j iff K-1-m <= R-1-j
+            keys &= (k1 - k0 - 1) - key <= (r1 - r0 - 1) - row
         visible[slice(None) if b < 0 else slice(b, b + 1), offset + r0:offset + r1] |= keys
     return visible
 
@@ -181,7 +186,9 @@ FUSED = {("one_document", "causal_and_documents"), ("one_document", "causal_and_
          ("one_document", "key_padding_bidirectional"), ("one_document", "tril_and_eye"),
          ("last_key_padded", "causal_and_documents"), ("last_key_padded", "causal_and_key_padding"),
          ("last_key_padded", "key_padding_bidirectional"), ("last_key_padded", "tril_and_eye"),
-         ("padded_and_packed", "causal_and_documents"), ("padded_and_packed", "key_padding_bidirectional")}
+         ("padded_and_packed", "causal_and_documents"), ("padded_and_packed", "key_padding_bidirectional"),
+         ("one_document", "sliding_window_additive"), ("last_key_padded", "sliding_window_additive"),
+         ("padded_and_packed", "sliding_window_additive")}
 
 
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda f: f.__name__)
@@ -190,8 +197,8 @@ FUSED = {("one_document", "causal_and_documents"), ("one_document", "causal_and_
 def test_runs_give_the_kernel_exactly_the_mask(builder, batch, check_elements, monkeypatch):
     """Where the rows are runs, the fused kernel call by call applies exactly the model's mask, to
     every row (offset 0) and to a rank's block of rows past the head count (offset 5: documents
-    begun before it); the sliding window, a finite bias (float32's lowest in a float64 mask: only
-    -inf and the dtype's own lowest hide a key) and positions out of order are not runs."""
+    begun before it); a finite bias (float32's lowest in a float64 mask: only -inf and the
+    dtype's own lowest hide a key) and positions out of order are not runs."""
     from autosp import mask_runs
     monkeypatch.setattr(mask_runs, "CHECK_ELEMENTS", check_elements)
     inputs = _batch() if batch == "padded_and_packed" else _one_document(batch == "last_key_padded")
@@ -220,6 +227,21 @@ def test_negative_control_causal_runs_begun_before_the_block_taken_whole_are_cau
     want = dense.reshape(-1, S, S)[:, 5:9]
     assert not torch.equal(_kernel_mask(unsplit, B, offset=5)[:, 5:9], want)
     assert torch.equal(_kernel_mask(mask_runs.pieces(found, 5, 4), B, offset=5)[:, 5:9], want)
+
+
+def test_negative_control_a_window_taken_causally_throughout_is_caught():
+    """Without the flip a window's earlier keys would be causal from their first: the first row of
+    each block of rows would see one of them, not all that the window holds."""
+    from autosp import mask_runs
+    gm, symbol, mask, values, dense = _capture(sliding_window_additive, *_one_document())
+    factored = masks.factor(mask, symbol)
+    found = mask_runs.runs(mask_runs.key_ranges([values[leaf] for leaf in factored.leaves], factored.program, S, 1), S)
+    calls = mask_runs.pieces(found, 0, S)
+    assert any(call[5] == mask_runs.FLIPPED for call in calls)
+    unflipped = [(*call[:5], mask_runs.CAUSAL if call[5] == mask_runs.FLIPPED else call[5], call[6]) for call in calls]
+    want = dense.eq(0).reshape(1, S, S)
+    assert not torch.equal(_kernel_mask(unflipped, 1), want)
+    assert torch.equal(_kernel_mask(calls, 1), want)
 
 
 def _kernels(fixture, world_size, seq_len, verify_kwargs=(), **config):
