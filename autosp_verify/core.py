@@ -20,6 +20,7 @@ from autosp_verify.compare import non_finite
 from autosp_verify.impls import is_refusal, resolve_impl
 from autosp_verify.model_file import USER_CODE_ERRORS, ModelFileError, load_model_file
 from autosp_verify.outputs import OutputError, split_output
+from autosp_verify.precision import CastRecorder
 from autosp_verify.probes import make_probes
 from autosp_verify.simulators.base import RankError, RankFailure
 
@@ -49,6 +50,7 @@ class Reference:
     outputs: dict
     grads: dict
     probes: dict = field(default_factory=dict)  # probe name -> what it collected
+    cast_grads: dict = field(default_factory=dict)  # parameter -> the coarser dtype the model casts it to
 
 
 def lifted_recompile_limit():
@@ -133,7 +135,8 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         for probe in probes:
             probe.before(model, None)
             run = probe.wrap_reference(run)
-        with torch.random.fork_rng(devices=[]):
+        casts = CastRecorder(dict(trainable(model)))
+        with torch.random.fork_rng(devices=[]), casts:
             torch.manual_seed(spec.seed)
             loss, outputs = split_output(run(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}))
         for probe in probes:
@@ -145,7 +148,7 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
     _check_finite(where, loss, grads)
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
-                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
+                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes}, casts.cast)
 
 
 def _check_finite(where, loss, grads):

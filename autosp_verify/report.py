@@ -41,6 +41,9 @@ class CaseResult:
     # Fake simulator: each rank run's collectives through autosp's ops ({"RANK": {kind: count,
     # kind_bytes: bytes}}, forward and backward); None when nothing was counted.
     structural_collectives: Optional[dict] = None
+    # Parameters the model casts to a coarser dtype (autosp_verify/precision.py): {name: dtype};
+    # their gradients are compared at that dtype's tolerance.
+    cast_grads: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -132,6 +135,16 @@ def _no_memory_saved(case) -> str:
     return f" (NO MEMORY SAVED: a rank saves {sp['saved_ratio']:.2f}x one device's activations)"
 
 
+def _cast_note(cast: dict) -> str:
+    by_dtype = {}
+    for name, dtype in cast.items():
+        by_dtype.setdefault(dtype, []).append(name)
+    return "; ".join(f"{len(names)} gradient{'s' * (len(names) > 1)} compared at {dtype}'s tolerance: the model "
+                     f"casts {'their parameters' if len(names) > 1 else 'its parameter'} to {dtype} "
+                     f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+                     for dtype, names in by_dtype.items())
+
+
 def format_table(cases) -> str:
     shown = any(c.accounting for c in cases)
     timed = any((c.accounting or {}).get("compile_s") for c in cases)
@@ -154,6 +167,8 @@ def format_table(cases) -> str:
                 lines.append(f"    {detail}")
         if case and case.first_divergence:
             lines.append(f"    first divergence: {case.first_divergence['message']}")
+        if case and case.cast_grads:
+            lines.append(f"    {_cast_note(case.cast_grads)}")
         per_rank = list((case.structural_collectives or {}).values()) if case else []
         if per_rank and all(c == per_rank[0] for c in per_rank):  # disagreeing ranks: in the failures
             kinds = ", ".join(f"{k} {n}" for k, n in per_rank[0].items() if not k.endswith("_bytes"))

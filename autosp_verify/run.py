@@ -221,6 +221,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         result.status = "fail" if result.failures else "structural"
         return result
     case.phase("comparing with one device")
+    result.cast_grads = {n: str(d).removeprefix("torch.") for n, d in case.ref.cast_grads.items()}
     cmp = _record_comparison(result, case.ref, later_refs, ranks, tol)
     if not cmp.passed and diagnose:
         case.phase("locating the first divergence (run again, recording)")
