@@ -135,8 +135,7 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         for probe in probes:
             probe.before(model, None)
             run = probe.wrap_reference(run)
-        casts = CastRecorder(dict(trainable(model)))
-        with torch.random.fork_rng(devices=[]), casts:
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             loss, outputs = split_output(run(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()}))
         for probe in probes:
@@ -148,7 +147,22 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
     _check_finite(where, loss, grads)
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
-                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes}, casts.cast)
+                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes},
+                     _casts(model, batch, spec))
+
+
+def _casts(model: nn.Module, batch: dict, spec: CaseSpec) -> dict:
+    """The parameters the model casts to a coarser dtype (precision.py), from one more forward of
+    the reference's own copy, eager and without grad, after the reference is taken (a probe may
+    have compiled that one, and the dispatch mode that records the casts would stop Dynamo)."""
+    casts = CastRecorder(dict(trainable(model)))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), casts:
+            torch.manual_seed(spec.seed)
+            model(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()})
+    except USER_CODE_ERRORS:
+        return {}  # it ran once already; nothing recorded is nothing loosened
+    return casts.cast
 
 
 def _check_finite(where, loss, grads):

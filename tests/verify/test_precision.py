@@ -16,9 +16,14 @@ GEMMA3 = os.path.join(os.path.dirname(__file__), "gemma3_model.py")
 def test_gemma3_as_loaded_is_exact_its_float32_norms_at_float32s_tolerance():
     """Gemma3's norms sum their weights' gradients in float32 over the positions: one device and
     two ranks sum them in another order (~1e-7 apart), so a float64 case compares those at
-    float32's tolerance, says so, and every other gradient at float64's."""
+    float32's tolerance, says so, and every other gradient at float64's. As loaded, Gemma3 also
+    keeps a sliding-window cache (not built under autosp.compile) and attends through the window
+    (5 keys of 13: torch's fused kernel, tests/compiler/test_sliding_window.py)."""
+    from autosp import masked_attention as ma
+    ma.KERNELS.clear()
     result = verify_file(GEMMA3, world_size=2, seq_len=13, steps=1, accounting=False)
     assert result.passed, (result.status, result.error, result.failures[:5])
+    assert ma.KERNELS.get("fused", 0) > 0 and ma.KERNELS.get("blocks", 0) == 0, dict(ma.KERNELS)
     assert result.cast_grads and set(result.cast_grads.values()) == {"float32"}
     assert all(name.endswith("norm.weight") for name in result.cast_grads), result.cast_grads
     assert "compared at float32's tolerance" in format_table([result])
