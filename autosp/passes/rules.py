@@ -194,9 +194,9 @@ def seq_reduction(an, node) -> SeqLayout:
             return REPLICATED_LAYOUT
     if key is operator.getitem:
         if all(user.op == "output" for user in node.users):  # kept for the caller, read by nothing here
-            raise OutputNeedsOtherRanks(refuse(node, "it picks positions of the sequence for an output (HF's "
-                                                     "sliding-window KV cache keeps the last ones): pass "
-                                                     "use_cache=False").args[0])
+            raise OutputNeedsOtherRanks(refuse(node, "it picks positions of the sequence for an output nothing "
+                                                     "in the step reads (as HF's sliding-window KV cache keeps "
+                                                     "the last ones; use_cache=False builds none)").args[0])
         raise refuse(node, "it picks positions of the sequence (e.g. last-token or class-token "
                            "pooling): not supported on a sharded sequence")
     raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")
