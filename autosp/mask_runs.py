@@ -129,15 +129,20 @@ def _runs_of(first: Tensor, last: Tensor, max_runs: int) -> list[tuple] | None:
     return out
 
 
+def _most_runs(length: int) -> int:
+    """Runs a mask of ``length`` rows may have (kernel calls: twice that) before the blocks cost
+    less: one kernel call per 16 rows or fewer would cost more than them."""
+    return 8 + length // 16
+
+
 def runs(ranges: Tensor, length: int) -> list[tuple] | None:
     """(batch or -1 for all, first row, end row, first key, end key, kind) of every run, from
-    ``mask_key_ranges``; None where the rows are not runs, or too many (one kernel call per 16 rows
-    or fewer would cost more than the blocks)."""
+    ``mask_key_ranges``; None where the rows are not runs, or too many (``_most_runs``)."""
     if ranges.numel() == 0 or int(ranges[0, 0, 0]) < 0:
         return None
     out = []
     for b in range(ranges.shape[0]):
-        found = _runs_of(ranges[b, :length, 0], ranges[b, :length, 1], max_runs=8 + length // 16)
+        found = _runs_of(ranges[b, :length, 0], ranges[b, :length, 1], max_runs=_most_runs(length))
         if found is None:
             return None
         out += [(b if ranges.shape[0] > 1 else -1, *run) for run in found]
@@ -229,7 +234,7 @@ def fused(q: Tensor, k: Tensor, v: Tensor, ranges: Tensor | None, length: int, o
         return None
     found = runs(ranges, length)
     calls = None if found is None else pieces(found, offset, q.shape[2])
-    return None if calls is None or len(calls) > 2 * (8 + length // 16) else calls  # windows of a few keys
+    return None if calls is None or len(calls) > 2 * _most_runs(length) else calls  # windows of a few keys
 
 
 def _batch(b: int):

@@ -205,13 +205,15 @@ class Comparison:
         return [c.describe() for c in failing]
 
 
-def compare(ref, ranks: list, tol: Tolerance) -> Comparison:
-    """``ref``: a Reference (loss, outputs, grads); ``ranks``: each rank's result dict, in rank order."""
+def compare(ref, ranks: list, tol: Tolerance, cast: dict | None = None) -> Comparison:
+    """``ref``: a Reference (loss, outputs, grads); ``ranks``: each rank's result dict, in rank order;
+    ``cast``: {parameter: the coarser dtype the model casts it to} (precision.py), whose gradients
+    are held to that dtype's tolerance."""
     by_rank = dict(enumerate(ranks))
     loss = check_loss(ref.loss, {r: res["loss"] for r, res in by_rank.items()}, tol)
     outputs = [check_output(n, t, {r: res["outputs"].get(n) for r, res in by_rank.items()}, tol)
                for n, t in ref.outputs.items()]
-    cast = getattr(ref, "cast_grads", {})  # parameters the model sums in a coarser dtype (precision.py)
+    cast = cast or {}
     grads = [check_grad(n, g, {r: res["grads"].get(n) for r, res in by_rank.items()},
                         _for_tensor(tol, cast[n]) if n in cast else tol) for n, g in ref.grads.items()]
     return Comparison(loss, outputs, grads)

@@ -50,7 +50,6 @@ class Reference:
     outputs: dict
     grads: dict
     probes: dict = field(default_factory=dict)  # probe name -> what it collected
-    cast_grads: dict = field(default_factory=dict)  # parameter -> the coarser dtype the model casts it to
 
 
 def lifted_recompile_limit():
@@ -147,14 +146,14 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
         raise ModelFileError(f"{where}: the model fails on one device: {type(exc).__name__}: {exc}") from None
     _check_finite(where, loss, grads)
     return Reference(loss.detach(), {n: t.detach() for n, t in outputs.items()},
-                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes},
-                     _casts(model, batch, spec))
+                     {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
 
 
-def _casts(model: nn.Module, batch: dict, spec: CaseSpec) -> dict:
-    """The parameters the model casts to a coarser dtype (precision.py), from one more forward of
-    the reference's own copy, eager and without grad, after the reference is taken (a probe may
-    have compiled that one, and the dispatch mode that records the casts would stop Dynamo)."""
+def parameter_casts(base: nn.Module, batch: dict, spec: CaseSpec) -> dict:
+    """{parameter name: the coarser dtype the model casts it to} (precision.py), from one eager
+    forward without grad of a copy of the model: once a case, apart from the reference (a probe
+    may compile that one, and the dispatch mode that records the casts would stop Dynamo)."""
+    model = copy.deepcopy(base)
     casts = CastRecorder(dict(trainable(model)))
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), casts:

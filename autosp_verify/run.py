@@ -16,7 +16,7 @@ import torch
 
 from autosp_verify.compare import check_structure, check_tensor, compare, structural_collectives, tolerance_for
 from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, later_batches, lifted_recompile_limit,
-                                model_functions, rank_fn, reference)
+                                model_functions, parameter_casts, rank_fn, reference)
 from autosp_verify.deadline import DeadlineExceeded, deadline
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
@@ -193,6 +193,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
         case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
         later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in case.later]
+        cast = parameter_casts(base, batch, spec)
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
@@ -221,8 +222,8 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         result.status = "fail" if result.failures else "structural"
         return result
     case.phase("comparing with one device")
-    result.cast_grads = {n: str(d).removeprefix("torch.") for n, d in case.ref.cast_grads.items()}
-    cmp = _record_comparison(result, case.ref, later_refs, ranks, tol)
+    result.cast_grads = {n: str(d).removeprefix("torch.") for n, d in cast.items()}
+    cmp = _record_comparison(result, case.ref, later_refs, ranks, tol, cast)
     if not cmp.passed and diagnose:
         case.phase("locating the first divergence (run again, recording)")
         failing = [c.name for c in cmp.checks if not c.passed]
@@ -230,10 +231,10 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     return result
 
 
-def _record_comparison(result, ref, later_refs, ranks, tol):
+def _record_comparison(result, ref, later_refs, ranks, tol, cast):
     """Step 1 against its reference (the numbers the table shows), then every later step (its
     failures, prefixed with the step); returns step 1's comparison."""
-    cmp = compare(ref, ranks, tol)
+    cmp = compare(ref, ranks, tol, cast)
     worst, grad = cmp.worst, cmp.worst_grad
     result.status = "pass" if cmp.passed else "fail"
     result.loss_abs_err = cmp.loss.abs_err
@@ -244,7 +245,7 @@ def _record_comparison(result, ref, later_refs, ranks, tol):
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
                       for c in cmp.checks]
     for number, later_ref in enumerate(later_refs, 2):
-        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol)
+        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol, cast)
         if not step_cmp.passed:
             result.status = "fail"
             result.failures += [f"step {number} (other inputs, the same prepared step): {f}"

@@ -5,7 +5,7 @@ import os
 import torch
 
 from autosp_verify import verify_file
-from autosp_verify.compare import compare
+from autosp_verify.compare import compare, tolerance_for
 from autosp_verify.core import Reference
 from autosp_verify.precision import CastRecorder
 from autosp_verify.report import format_table
@@ -38,16 +38,10 @@ def test_only_the_parameters_cast_are_recorded():
 
 def _checks(cast_grads, relative_error):
     ref = Reference(torch.tensor(1.0, dtype=torch.float64), {},
-                    {"cast": torch.ones(4, dtype=torch.float64), "kept": torch.ones(4, dtype=torch.float64)},
-                    cast_grads=cast_grads)
+                    {"cast": torch.ones(4, dtype=torch.float64), "kept": torch.ones(4, dtype=torch.float64)})
     rank = {"loss": torch.tensor(1.0, dtype=torch.float64), "outputs": {},
             "grads": {n: g * (1 + relative_error) / 2 for n, g in ref.grads.items()}}
-    return {c.name: c.passed for c in compare(ref, [rank, rank], _f64()).grads}
-
-
-def _f64():
-    from autosp_verify.compare import tolerance_for
-    return tolerance_for(torch.float64)
+    return {c.name: c.passed for c in compare(ref, [rank, rank], tolerance_for(torch.float64), cast_grads).grads}
 
 
 def test_negative_control_the_coarser_tolerance_applies_to_the_cast_gradients_alone():
