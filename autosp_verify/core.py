@@ -22,6 +22,7 @@ from autosp_verify.model_file import USER_CODE_ERRORS, ModelFileError, load_mode
 from autosp_verify.outputs import OutputError, split_output
 from autosp_verify.precision import CastRecorder
 from autosp_verify.probes import make_probes
+from autosp_verify.randomness import RandomRecorder, refusal as random_refusal
 from autosp_verify.simulators.base import RankError, RankFailure
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,18 +150,21 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
                      {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
 
 
-def parameter_casts(base: nn.Module, batch: dict, spec: CaseSpec) -> dict:
+def model_facts(base: nn.Module, batch: dict, spec: CaseSpec) -> dict:
     """{parameter name: the coarser dtype the model casts it to} (precision.py), from one eager
     forward without grad of a copy of the model: once a case, apart from the reference (a probe
-    may compile that one, and the dispatch mode that records the casts would stop Dynamo)."""
+    may compile that one, and the dispatch modes recording it would stop Dynamo). Raises
+    ModelFileError when that forward draws random numbers (randomness.py): nothing to compare."""
     model = copy.deepcopy(base)
-    casts = CastRecorder(dict(trainable(model)))
+    casts, draws = CastRecorder(dict(trainable(model))), RandomRecorder()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), casts:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), casts, draws:
             torch.manual_seed(spec.seed)
             model(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()})
     except USER_CODE_ERRORS:
         return {}  # it ran once already; nothing recorded is nothing loosened
+    if draws.draws:
+        raise ModelFileError(f"{describe_model(spec.model)}: {random_refusal(draws.draws, model)}")
     return casts.cast
 
 

@@ -16,7 +16,7 @@ import torch
 
 from autosp_verify.compare import check_structure, check_tensor, compare, structural_collectives, tolerance_for
 from autosp_verify.core import (DTYPES, CaseSpec, LoadedCase, build_case, later_batches, lifted_recompile_limit,
-                                model_functions, parameter_casts, rank_fn, reference)
+                                model_functions, model_facts, rank_fn, reference)
 from autosp_verify.deadline import DeadlineExceeded, deadline
 from autosp_verify.impls import impl_label, resolve_impl
 from autosp_verify.report import CaseResult
@@ -193,7 +193,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
         case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
         later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in case.later]
-        cast = parameter_casts(base, batch, spec)
+        cast = model_facts(base, batch, spec)
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)

@@ -67,6 +67,14 @@ def attention(ctx) -> None:
             ctx.counters["mask_nodes_removed"] += 1
 
 
+def _broadcasts_one_kv_head(q, k, v, head_dim: int) -> bool:
+    """SDPA broadcasts one key/value head over the query heads (multi-query without
+    ``enable_gqa``: Falcon, GPTBigCode): grouped attention with one group, so that every rank
+    gets that head (not a share of it, which the all-to-all would pad with a zero head)."""
+    heads = [int(example_value(t).shape[head_dim]) for t in (q, k, v)]
+    return heads[1] == heads[2] == 1 < heads[0]
+
+
 def _degrees(ctx, node, q_heads: int, kv_heads: int) -> tuple[int, int]:
     """(U, R) for this attention: Ulysses over U ranks, keys and values gathered over R."""
     try:
@@ -94,6 +102,9 @@ def _rewrite(ctx, node) -> None:
         (k, rep), (v, _) = peeled  # move the distinct kv heads; attention groups the query heads
         kv_heads, gqa = kv_heads // rep, True
         ctx.counters["kv_repeat_moved_after"] += 1
+    elif not gqa and _broadcasts_one_kv_head(q, k, v, head_dim):
+        gqa = True
+        ctx.counters["kv_broadcast"] += 1
     U, R = _degrees(ctx, node, q_heads, kv_heads if gqa else q_heads)
     repeats, gqa = kv_repeats(q_heads, kv_heads, U, gqa)
     mask, is_causal = call_arg(node, 3, "attn_mask"), bool(call_arg(node, 5, "is_causal", False))

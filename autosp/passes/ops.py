@@ -47,7 +47,7 @@ VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten}
 RELAYOUT_METHODS = {"transpose", "permute", "unsqueeze", "squeeze", "t", "movedim", "swapaxes",
                     "expand", "contiguous", "swapdims", "mT"}
 RELAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.t,
-                      torch.movedim, torch.swapaxes, torch.stack}
+                      torch.movedim, torch.swapaxes, torch.stack, torch.view_as_complex, torch.view_as_real}
 # Ops that take explicit size arguments: on a sharded value the sequence size becomes local.
 SHAPE_ARG_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_full",
                      "new_empty", "unflatten"}
@@ -83,6 +83,8 @@ DIM_METHODS = {
     "all": (1, "dim", None), "unbind": (1, "dim", 0), "diff": (2, "dim", -1),
     "count_nonzero": (1, "dim", None),
 }
+# max/min of two tensors are elementwise (``torch.maximum``), of one a reduction (DIM_* above).
+MAX_MIN = {torch.max, torch.min, "max", "min"}
 SEQ_SUM_REDUCTIONS = {torch.sum, torch.mean, "sum", "mean"}
 
 LINEAR = {F.linear, torch._C._nn.linear}
@@ -112,6 +114,10 @@ def target_key(node):
 
 def is_pointwise(node) -> bool:
     key = target_key(node)
+    if key in MAX_MIN:
+        other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
+        value = other.meta.get("example_value", other.meta.get("val")) if hasattr(other, "meta") else None
+        return isinstance(value, torch.Tensor)
     return key in (POINTWISE_METHODS if node.op == "call_method" else POINTWISE_FUNCTIONS)
 
 

@@ -31,6 +31,8 @@ def apply(an, node, sharded) -> SeqLayout:
             dims = seq_dims(element, an.S)
             if len(dims) > 1:
                 raise refuse(node, "a result " + SEVERAL_DIMS)
+            if not dims and sharded and isinstance(element, torch.Tensor):  # max/min over the sequence
+                seq_reduction(an, node)
             layouts.append(positional(an, node, dims[0], element) if dims else REPLICATED_LAYOUT)
         return tuple(layouts)
     if not isinstance(value, torch.Tensor):
@@ -152,8 +154,11 @@ def getitem_dims(node):
 
 def _getitem_seq_item(node, d):
     """The index item applied to input dim ``d`` when it keeps every position (else None)."""
-    _, dims = getitem_dims(node)
+    expanded, dims = getitem_dims(node)
     item = dims[d]
+    if isinstance(item, slice) and isinstance(item.start, int) and item.start < 0 and item.stop is None \
+            and item.step in (None, 1) and _keeps_length(node, expanded, d):
+        return item  # the last N positions where the traced lengths are at most N (a window's cache)
     if not isinstance(item, slice) or item.start not in (None, 0) or item.step not in (None, 1):
         return None
     if item.stop is None:
@@ -166,6 +171,22 @@ def _getitem_seq_item(node, d):
         diff = full - stop
         return item if diff.is_Integer and int(diff) >= 0 else None
     return None
+
+
+def _keeps_length(node, expanded, d) -> bool:
+    """Whether ``x[expanded]``'s result has input dim ``d``'s size (basic indexing only)."""
+    dim = out = 0
+    for it in expanded:
+        if it is None:
+            out += 1
+        elif not isinstance(it, (int, slice)):
+            return False
+        elif dim == d:
+            full, kept = example_value(node.args[0]).shape[d], example_value(node).shape[out]
+            return isinstance(it, slice) and (size_expr(full) - size_expr(kept)) == 0
+        else:
+            dim, out = dim + 1, out + isinstance(it, slice)
+    return False
 
 
 def _getitem_tail(node) -> int:

@@ -23,6 +23,8 @@ from autosp.passes.rules import getitem_dims
 def _localize(ctx, arg):
     if isinstance(arg, (tuple, list)):
         return type(arg)(_localize(ctx, a) for a in arg)
+    if isinstance(arg, fx.Node) and arg.target is torch.Size and len(arg.args) == 1:
+        return _localize(ctx, list(arg.args[0]))  # a shape Dynamo built (``input_shape + (H,)``)
     if isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.SymInt):
         expr = example_value(arg).node.expr
         if ctx.seq.symbol in expr.free_symbols:

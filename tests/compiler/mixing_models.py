@@ -58,7 +58,11 @@ def _group_norm(h):
     return F.group_norm(h, 1)  # [B, S, H] with one group: statistics over S and H together
 
 
-MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
+def _min_over_seq(h):
+    return h + h.min(dim=1, keepdim=True).values  # a tuple (values, indices), neither along the sequence
+
+
+MIXERS = {"group_norm": _group_norm, "min_over_seq": _min_over_seq, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
           "roll": _roll}
 
@@ -90,7 +94,18 @@ def _nested_checkpoints(h):
     return torch.utils.checkpoint.checkpoint(_checkpointed_sdpa, h, use_reentrant=False)
 
 
-POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
+def _max_of_two(h):
+    """max/min of two tensors: elementwise (Apertus' xIELU: ``torch.min(x, self.eps)``)."""
+    return torch.max(h, torch.zeros_like(h)) + h.min(h * 0.5)
+
+
+def _last_positions_of_a_longer_window(h):
+    """The last 64 positions of a shorter sequence: all of them (HF's sliding-window cache keeps
+    ``[-window + 1:]``, all of a sequence shorter than the window)."""
+    return h[:, -64:] * 2
+
+
+POSITIONAL = {"sdpa": _sdpa, "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
               "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints}
 
 

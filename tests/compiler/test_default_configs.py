@@ -11,7 +11,8 @@ from autosp_verify import verify
 VOCAB = 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, attn_implementation="sdpa")
-FAMILIES = {  # class name: the config's own names for what TINY sets, where they differ
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # 0.1 by default: nothing to compare
+FAMILIES = {  # config class prefix: the config's own names for what TINY sets, where they differ
     "Qwen3": dict(num_key_value_heads=2, head_dim=8),
     "Phi3": dict(pad_token_id=0),
     "GPTNeoX": dict(),
@@ -19,16 +20,23 @@ FAMILIES = {  # class name: the config's own names for what TINY sets, where the
     "StableLm": dict(num_key_value_heads=4),
     "Granite": dict(num_key_value_heads=2),
     "SmolLM3": dict(num_key_value_heads=2, pad_token_id=0),
+    "Falcon": dict(),  # multi-query: SDPA broadcasts its one kv head over the query heads
+    "GPTBigCode": NO_DROPOUT,  # multi-query too, and `hidden_states.view(input_shape + (H,))`
+    "Apertus": dict(num_key_value_heads=2),  # xIELU: torch.min(x, eps), elementwise
+    "Exaone4": dict(num_key_value_heads=2),  # a sliding-window cache longer than the sequence
+    "Llama4Text": dict(num_key_value_heads=2, moe_layers=[]),  # complex rope (view_as_complex); no MoE
 }
-DEFAULT_RUN = {"Qwen3", "GPTNeoX"}  # the rest under `make test-all`
+MODEL_CLASS = {"Llama4Text": "Llama4ForCausalLM"}
+DEFAULT_RUN = {"Qwen3", "GPTNeoX", "Falcon"}  # the rest under `make test-all` (GPTBigCode: tests/verify/test_randomness.py)
 
 
 def _model_fn(family):
     config = getattr(transformers, f"{family}Config")(**TINY, **FAMILIES[family])
     assert config.use_cache  # the default this module exists for
+    model_class = getattr(transformers, MODEL_CLASS.get(family, f"{family}ForCausalLM"))
 
     def model_fn():
-        return getattr(transformers, f"{family}ForCausalLM")(config).float().train()
+        return model_class(config).float().train()
     return model_fn
 
 
@@ -43,6 +51,16 @@ def test_default_config_is_exact(family):
     result = verify(_model_fn(family), causal_inputs, impl="autosp-eager", dtype=torch.float64,
                     world_size=2, seq_len=13)
     assert result.passed, (result.status, result.error, result.failures[:5])
+
+
+def test_negative_control_a_broadcast_kv_head_split_like_query_heads_is_caught(monkeypatch):
+    """Falcon's one kv head split over the ranks like its query heads (rank 1 gets a zero head,
+    as it did before ``_broadcasts_one_kv_head``): the verifier fails it."""
+    from autosp.passes import attention
+    monkeypatch.setattr(attention, "_broadcasts_one_kv_head", lambda *args: False)
+    result = verify(_model_fn("Falcon"), causal_inputs, impl="autosp-eager", dtype=torch.float64,
+                    world_size=2, seq_len=13)
+    assert result.status == "fail", (result.status, result.error)
 
 
 def test_bidirectional_encoder_without_a_mask_is_exact():

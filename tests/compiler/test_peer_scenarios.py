@@ -89,7 +89,10 @@ def _reference(dp):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("sp", [2, pytest.param(4, marks=pytest.mark.slow)])
+# slow (CI's budget): DeepSpeed on gloo DP 2 x SP 2 with a wrong-reduction control stays in the
+# default run (test_deepspeed_config.py: ZeRO 0 and 2)
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [2, 4])
 def test_deepspeed_autosp_scenario_is_exact(sp):
     from autosp_verify.compare import TOLERANCES, check_tensor
     ranks = spawn_ranks(_worker, sp, timeout=300)

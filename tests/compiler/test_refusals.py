@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import autosp
+from autosp_verify import verify
 
 from .mixing_models import MIXERS, MixingLM, inputs_fn
 
 OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
-            "roll": "roll"}
+            "roll": "roll", "min_over_seq": "min"}
 
 
 def _compile_for(kind, world_size):
@@ -30,6 +31,15 @@ def test_sequence_mixing_op_is_refused_with_op_and_source_line(kind):
 def test_attention_model_compiles():
     """Control for the refusals above: the same model with attention instead compiles."""
     _compile_for("sdpa", 2)
+
+
+@pytest.mark.parametrize("kind", ["max_of_two", "window_longer"])
+def test_elementwise_max_and_a_slice_keeping_every_position_are_exact(kind):
+    """Controls for ``min_over_seq`` and ``last_token`` above: max/min of two tensors is
+    elementwise; ``h[:, -64:]`` of fewer than 64 positions keeps them all (Dynamo traced it so)."""
+    result = verify(lambda: MixingLM(kind), inputs_fn, impl="autosp-eager", dtype=torch.float64,
+                    world_size=2, seq_len=13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
 
 
 def test_attention_dropout_past_the_head_count_is_refused_with_the_way_out():

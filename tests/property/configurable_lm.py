@@ -1,8 +1,9 @@
 """A Llama-style causal LM whose architecture is a small config, for property tests.
 
-Covers what the passes must get right: GQA through ``enable_gqa`` or an explicit ``repeat_kv``,
-``is_causal`` or an explicit mask built from a 2-D padding mask, positions passed or built from
-``arange`` inside the model, RoPE, RMSNorm, SwiGLU, and the HF-5 shifted-label loss; or
+Covers what the passes must get right: GQA through ``enable_gqa``, an explicit ``repeat_kv`` or one
+kv head that SDPA broadcasts (multi-query), ``is_causal`` or an explicit mask built from a 2-D
+padding mask, positions passed or built from ``arange`` inside the model, RoPE, RMSNorm, SwiGLU,
+and the HF-5 shifted-label loss; or
 bidirectional attention (no mask, or padding only); and a KV cache the forward builds but never
 reads (``use_cache=True`` in a training forward).
 """
@@ -21,6 +22,7 @@ class LMConfig:
     layers: int = 1
     vocab: int = 32
     gqa_in_sdpa: bool = True  # False: repeat_kv before attention, as HF does
+    kv_broadcast: bool = False  # with one kv head and not gqa_in_sdpa: SDPA broadcasts it (Falcon)
     explicit_mask: bool = False  # True: a [B, 1, S, S] boolean mask instead of is_causal
     causal: bool = True  # False: bidirectional (an encoder): is_causal=False, or a mask of padding only
     cache: bool = False  # True: keys and values concatenated onto an empty cache, as HF's DynamicCache
@@ -58,7 +60,7 @@ class Block(nn.Module):
         if c.cache:  # DynamicCache.update on a fresh cache: torch.cat([empty, new], dim=-2)
             k, v = (torch.cat([t.new_empty(B, c.kv_heads, 0, c.head_dim), t], dim=-2) for t in (k, v))
         gqa = c.heads != c.kv_heads
-        if gqa and not c.gqa_in_sdpa:
+        if gqa and not c.gqa_in_sdpa and not (c.kv_heads == 1 and c.kv_broadcast):
             rep = c.heads // c.kv_heads
             k = k[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
             v = v[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
