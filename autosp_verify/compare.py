@@ -65,6 +65,7 @@ class TensorCheck:
     passed: bool = False
     problem: str = ""  # a failure that is not (only) a number: shape, NaN, missing, ranks disagree
     score: float = math.inf  # abs_err / allowed error: > 1 fails; ranks the worst tensor
+    coarser: str = ""  # passed only at this dtype's tolerance, the one the model computes in (precision.py)
 
     def describe(self) -> str:
         text = f"{self.name}: abs err {self.abs_err:.3g}, rel err {self.rel_err:.3g}"
@@ -205,17 +206,26 @@ class Comparison:
         return [c.describe() for c in failing]
 
 
-def compare(ref, ranks: list, tol: Tolerance, cast: dict | None = None) -> Comparison:
+def compare(ref, ranks: list, tol: Tolerance, computes_in: torch.dtype | None = None) -> Comparison:
     """``ref``: a Reference (loss, outputs, grads); ``ranks``: each rank's result dict, in rank order;
-    ``cast``: {parameter: the coarser dtype the model casts it to} (precision.py), whose gradients
-    are held to that dtype's tolerance."""
+    ``computes_in``: a dtype coarser than the case's that the model computes in (precision.py): a
+    tensor failing the case's tolerance by its numbers alone is held to that dtype's instead (and
+    marked ``coarser``)."""
     by_rank = dict(enumerate(ranks))
-    loss = check_loss(ref.loss, {r: res["loss"] for r, res in by_rank.items()}, tol)
-    outputs = [check_output(n, t, {r: res["outputs"].get(n) for r, res in by_rank.items()}, tol)
+    coarse = None if computes_in is None or tol.explicit else _for_tensor(tol, computes_in)
+
+    def checked(check, *args):
+        result = check(*args, tol)
+        if result.passed or result.problem or coarse is None or coarse == tol:
+            return result
+        again = check(*args, coarse)
+        again.coarser = str(computes_in).removeprefix("torch.") if again.passed else ""
+        return again if again.passed else result
+    loss = checked(check_loss, ref.loss, {r: res["loss"] for r, res in by_rank.items()})
+    outputs = [checked(check_output, n, t, {r: res["outputs"].get(n) for r, res in by_rank.items()})
                for n, t in ref.outputs.items()]
-    cast = cast or {}
-    grads = [check_grad(n, g, {r: res["grads"].get(n) for r, res in by_rank.items()},
-                        _for_tensor(tol, cast[n]) if n in cast else tol) for n, g in ref.grads.items()]
+    grads = [checked(check_grad, n, g, {r: res["grads"].get(n) for r, res in by_rank.items()})
+             for n, g in ref.grads.items()]
     return Comparison(loss, outputs, grads)
 
 

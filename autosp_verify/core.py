@@ -150,22 +150,22 @@ def reference(base: nn.Module, batch: dict, spec: CaseSpec) -> Reference:
                      {n: g.detach() for n, g in grads.items()}, {p.name: p.collect() for p in probes})
 
 
-def model_facts(base: nn.Module, batch: dict, spec: CaseSpec) -> dict:
-    """{parameter name: the coarser dtype the model casts it to} (precision.py), from one eager
+def model_facts(base: nn.Module, batch: dict, spec: CaseSpec) -> CastRecorder:
+    """What the model computes in (precision.py: ``computes_in``, ``where``), from one eager
     forward without grad of a copy of the model: once a case, apart from the reference (a probe
     may compile that one, and the dispatch modes recording it would stop Dynamo). Raises
     ModelFileError when that forward draws random numbers (randomness.py): nothing to compare."""
     model = copy.deepcopy(base)
-    casts, draws = CastRecorder(dict(trainable(model))), RandomRecorder()
+    casts, draws = CastRecorder(), RandomRecorder()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), casts, draws:
             torch.manual_seed(spec.seed)
             model(**{k: _cast(v, DTYPES[spec.dtype]) for k, v in batch.items()})
     except USER_CODE_ERRORS:
-        return {}  # it ran once already; nothing recorded is nothing loosened
+        return CastRecorder()  # it ran once already; nothing recorded is nothing loosened
     if draws.draws:
         raise ModelFileError(f"{describe_model(spec.model)}: {random_refusal(draws.draws, model)}")
-    return casts.cast
+    return casts
 
 
 def _check_finite(where, loss, grads):

@@ -24,7 +24,7 @@ RANDOM_OPS = {getattr(_aten, name) for name in (
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
-def _model_line() -> str:
+def model_line() -> str:
     """The innermost caller outside torch and this package: the model's line that drew."""
     for frame in reversed(traceback.extract_stack()):
         if not frame.filename.startswith((_TORCH_DIR, os.path.dirname(__file__))):
@@ -41,7 +41,7 @@ class RandomRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in RANDOM_OPS:
-            self.draws.append((func.overloadpacket.__name__, _model_line()))
+            self.draws.append((func.overloadpacket.__name__, model_line()))
         return func(*args, **(kwargs or {}))
 
 

@@ -41,9 +41,10 @@ class CaseResult:
     # Fake simulator: each rank run's collectives through autosp's ops ({"RANK": {kind: count,
     # kind_bytes: bytes}}, forward and backward); None when nothing was counted.
     structural_collectives: Optional[dict] = None
-    # Parameters the model casts to a coarser dtype (autosp_verify/precision.py): {name: dtype};
-    # their gradients are compared at that dtype's tolerance.
-    cast_grads: dict = field(default_factory=dict)
+    # Step 1's tensors that agree only to the precision of a coarser dtype the model computes in
+    # (autosp_verify/precision.py): {name: dtype}; and {"dtype", "where": the model's line}.
+    coarser: dict = field(default_factory=dict)
+    computes_in: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -135,14 +136,11 @@ def _no_memory_saved(case) -> str:
     return f" (NO MEMORY SAVED: a rank saves {sp['saved_ratio']:.2f}x one device's activations)"
 
 
-def _cast_note(cast: dict) -> str:
-    by_dtype = {}
-    for name, dtype in cast.items():
-        by_dtype.setdefault(dtype, []).append(name)
-    return "; ".join(f"{len(names)} gradient{'s' * (len(names) > 1)} compared at {dtype}'s tolerance: the model "
-                     f"casts {'their parameters' if len(names) > 1 else 'its parameter'} to {dtype} "
-                     f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
-                     for dtype, names in by_dtype.items())
+def _coarser_note(case) -> str:
+    names, dtype = list(case.coarser), case.computes_in["dtype"]
+    return (f"{len(names)} tensor{'s' * (len(names) > 1)} agree to {dtype}'s precision only (compared at its "
+            f"tolerance: {', '.join(names[:2])}{', ...' if len(names) > 2 else ''}): the model computes in "
+            f"{dtype} (first at {case.computes_in['where']})")
 
 
 def format_table(cases) -> str:
@@ -167,8 +165,8 @@ def format_table(cases) -> str:
                 lines.append(f"    {detail}")
         if case and case.first_divergence:
             lines.append(f"    first divergence: {case.first_divergence['message']}")
-        if case and case.cast_grads:
-            lines.append(f"    {_cast_note(case.cast_grads)}")
+        if case and case.coarser:
+            lines.append(f"    {_coarser_note(case)}")
         per_rank = list((case.structural_collectives or {}).values()) if case else []
         if per_rank and all(c == per_rank[0] for c in per_rank):  # disagreeing ranks: in the failures
             kinds = ", ".join(f"{k} {n}" for k, n in per_rank[0].items() if not k.endswith("_bytes"))

@@ -193,7 +193,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     with deadline(timeout, "the one-device reference (on this thread, before the ranks)"):
         case.ref = reference(base, batch, spec)  # before this case imports or prepares any impl code
         later_refs = [reference(base, b, dataclasses.replace(spec, probes=())) for b in case.later]
-        cast = model_facts(base, batch, spec)
+        computes = model_facts(base, batch, spec)
     resolve_impl(spec.impl)  # an unknown or unavailable impl is a usage error, found before any run
     result = CaseResult(impl_label(spec.impl), sim.name, spec.world_size, spec.seq_len, spec.batch, spec.dtype,
                         status="error", structural=sim.structural)
@@ -222,8 +222,10 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
         result.status = "fail" if result.failures else "structural"
         return result
     case.phase("comparing with one device")
-    result.cast_grads = {n: str(d).removeprefix("torch.") for n, d in cast.items()}
-    cmp = _record_comparison(result, case.ref, later_refs, ranks, tol, cast)
+    cmp = _record_comparison(result, case.ref, later_refs, ranks, tol, computes.computes_in)
+    result.coarser = {c.name: c.coarser for c in cmp.checks if c.coarser}
+    if result.coarser:
+        result.computes_in = {"dtype": str(computes.computes_in).removeprefix("torch."), "where": computes.where}
     if not cmp.passed and diagnose:
         case.phase("locating the first divergence (run again, recording)")
         failing = [c.name for c in cmp.checks if not c.passed]
@@ -231,10 +233,10 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
     return result
 
 
-def _record_comparison(result, ref, later_refs, ranks, tol, cast):
+def _record_comparison(result, ref, later_refs, ranks, tol, computes_in):
     """Step 1 against its reference (the numbers the table shows), then every later step (its
     failures, prefixed with the step); returns step 1's comparison."""
-    cmp = compare(ref, ranks, tol, cast)
+    cmp = compare(ref, ranks, tol, computes_in)
     worst, grad = cmp.worst, cmp.worst_grad
     result.status = "pass" if cmp.passed else "fail"
     result.loss_abs_err = cmp.loss.abs_err
@@ -245,7 +247,7 @@ def _record_comparison(result, ref, later_refs, ranks, tol, cast):
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
                       for c in cmp.checks]
     for number, later_ref in enumerate(later_refs, 2):
-        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol, cast)
+        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol, computes_in)
         if not step_cmp.passed:
             result.status = "fail"
             result.failures += [f"step {number} (other inputs, the same prepared step): {f}"

@@ -1,5 +1,5 @@
-"""Gradients of parameters a model casts to a coarser dtype (autosp_verify/precision.py): compared
-at that dtype's tolerance, and only those."""
+"""A model that computes in a dtype coarser than the case's (autosp_verify/precision.py): a tensor
+failing the case's tolerance is held to that dtype's, named, and only then."""
 import os
 
 import torch
@@ -13,41 +13,48 @@ from autosp_verify.report import format_table
 GEMMA3 = os.path.join(os.path.dirname(__file__), "gemma3_model.py")
 
 
-def test_gemma3_as_loaded_is_exact_its_float32_norms_at_float32s_tolerance():
-    """Gemma3's norms sum their weights' gradients in float32 over the positions: one device and
-    two ranks sum them in another order (~1e-7 apart), so a float64 case compares those at
-    float32's tolerance, says so, and every other gradient at float64's. As loaded, Gemma3 also
-    keeps a sliding-window cache (not built under autosp.compile) and attends through the window
-    (5 keys of 13: torch's fused kernel, tests/compiler/test_sliding_window.py)."""
+def test_gemma3_as_loaded_is_exact_to_the_float32_it_computes_in():
+    """Gemma3's norms compute in float32 whatever the model's dtype, and sum their weights'
+    gradients over the positions there: one device and two ranks sum them in another order (~1e-7
+    apart). A float64 case says which tensors agree to float32's precision only, and where the
+    model computes in it. As loaded, Gemma3 also keeps a sliding-window cache (not built under
+    autosp.compile) and attends through the window (5 keys of 13: torch's fused kernel,
+    tests/compiler/test_sliding_window.py)."""
     from autosp import masked_attention as ma
     ma.KERNELS.clear()
     result = verify_file(GEMMA3, impl="autosp-eager", world_size=2, seq_len=13, steps=1, accounting=False)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert ma.KERNELS.get("fused", 0) > 0 and ma.KERNELS.get("blocks", 0) == 0, dict(ma.KERNELS)
-    assert result.cast_grads and set(result.cast_grads.values()) == {"float32"}
-    assert all(name.endswith("norm.weight") for name in result.cast_grads), result.cast_grads
-    assert "compared at float32's tolerance" in format_table([result])
+    assert result.coarser and set(result.coarser.values()) == {"float32"}, result.coarser
+    assert result.computes_in["dtype"] == "float32" and "modeling_gemma3.py" in result.computes_in["where"]
+    assert "agree to float32's precision only" in format_table([result])
 
 
-def test_only_the_parameters_cast_are_recorded():
-    weight, bias = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2))
-    with CastRecorder({"weight": weight, "bias": bias}) as casts:
-        (weight.float().double() + bias + bias.to(torch.float64)).sum()  # bias: no coarser cast
-    assert casts.cast == {"weight": torch.float32}
+def test_the_first_cast_down_is_recorded_with_the_models_line():
+    x = torch.ones(3, dtype=torch.float64)
+    with CastRecorder() as finer:
+        x.float().double(), torch.arange(3).double()  # back up, and from integers: nothing coarser
+    assert finer.computes_in is torch.float32  # x.float() itself
+    with CastRecorder() as none:
+        x.double(), torch.arange(3).float(), x * 2
+    assert none.computes_in is None
+    with CastRecorder() as down:
+        x.to(torch.bfloat16)
+    assert down.computes_in is torch.bfloat16 and "test_precision.py" in down.where, down.where
 
 
-def _checks(cast_grads, relative_error):
-    ref = Reference(torch.tensor(1.0, dtype=torch.float64), {},
-                    {"cast": torch.ones(4, dtype=torch.float64), "kept": torch.ones(4, dtype=torch.float64)})
+def _checks(computes_in, relative_error):
+    ref = Reference(torch.tensor(1.0, dtype=torch.float64), {}, {"w": torch.ones(4, dtype=torch.float64)})
     rank = {"loss": torch.tensor(1.0, dtype=torch.float64), "outputs": {},
             "grads": {n: g * (1 + relative_error) / 2 for n, g in ref.grads.items()}}
-    return {c.name: c.passed for c in compare(ref, [rank, rank], tolerance_for(torch.float64), cast_grads).grads}
+    check = compare(ref, [rank, rank], tolerance_for(torch.float64), computes_in).grads[0]
+    return check.passed, check.coarser
 
 
-def test_negative_control_the_coarser_tolerance_applies_to_the_cast_gradients_alone():
-    """1e-7 apart: the cast gradient passes, the other (float64's tolerance) fails; 1e-3 apart (a
-    real bug, e.g. a rank's share lost in part) both fail; nothing cast: both fail at 1e-7."""
-    cast = {"cast": torch.float32}
-    assert _checks(cast, 1e-7) == {"grad cast": True, "grad kept": False}
-    assert _checks(cast, 1e-3) == {"grad cast": False, "grad kept": False}
-    assert _checks({}, 1e-7) == {"grad cast": False, "grad kept": False}
+def test_negative_control_the_coarser_tolerance_holds_only_where_the_model_computes_in_it():
+    """1e-7 apart: passes at float32's tolerance, marked so, only for a model computing in float32;
+    1e-3 apart (a real bug, e.g. a rank's share lost in part) fails either way."""
+    assert _checks(torch.float32, 1e-7) == (True, "float32")
+    assert _checks(None, 1e-7) == (False, "")
+    assert _checks(torch.float32, 1e-3) == (False, "")
+    assert _checks(torch.float32, 1e-12) == (True, "")  # within float64's: nothing said
