@@ -89,6 +89,7 @@ SEQ_SUM_REDUCTIONS = {torch.sum, torch.mean, "sum", "mean"}
 
 LINEAR = {F.linear, torch._C._nn.linear}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+ADDMM = {torch.addmm, "addmm"}  # bias + mat1 @ mat2 (GPT-2's Conv1D): a matmul of mat1's rows
 EMBEDDING = {F.embedding, torch.embedding}
 # Normalise over their trailing ``normalized_shape`` dims (group_norm, which also normalises over
 # dim 1 and everything after it, is deliberately absent: refused on a sequence).

@@ -18,6 +18,7 @@ from autosp.passes.context import PassContext
 from autosp.passes.layout import SEQ_LEN, VALUE_OF, analyse, find_sequence
 from autosp.passes.loss import loss
 from autosp.passes.outputs import outputs
+from autosp.passes.random_draws import random_draws
 from autosp.passes.shard_inputs import shard_inputs
 from autosp.passes.sizes import local_sizes
 
@@ -30,6 +31,7 @@ def layout(ctx: PassContext) -> None:
 PASSES: dict[str, Callable[[PassContext], None]] = {
     "inline_checkpoints": inline_checkpoints,
     "layout": layout,
+    "random_draws": random_draws,
     "shard_inputs": shard_inputs,
     "local_sizes": local_sizes,
     "attention": attention,

@@ -111,6 +111,10 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
         if src is b and nd >= 2 and d != nd - 2 and (d < nd - 2 or not an.dims(a)):
             return None
         return "the sequence is contracted, or both sides carry it (attention written as matmul)"
+    if target in ops.ADDMM:
+        bias, a, b = (tuple(node.args) + (None,) * 3)[:3]  # (self, mat1, mat2) as a method too
+        rows = nd == 2 and d == 0 and isinstance(b, fx.Node) and not an.dims(b)
+        return None if rows and (src is a or src is bias) else "the sequence is contracted, or both sides carry it"
     if target in ops.EMBEDDING:
         weight = node.args[1] if target is torch.nn.functional.embedding else node.args[0]
         return None if src is not weight else "the embedding table carries the sequence"

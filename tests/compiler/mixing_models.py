@@ -62,7 +62,11 @@ def _min_over_seq(h):
     return h + h.min(dim=1, keepdim=True).values  # a tuple (values, indices), neither along the sequence
 
 
-MIXERS = {"group_norm": _group_norm, "min_over_seq": _min_over_seq, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
+def _addmm_over_seq(h):
+    return h + torch.addmm(h.new_zeros(HIDDEN), h[0].t(), h[0]).sum()  # [H, S] @ [S, H]: contracts S
+
+
+MIXERS = {"group_norm": _group_norm, "addmm_over_seq": _addmm_over_seq, "min_over_seq": _min_over_seq, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
           "roll": _roll}
 

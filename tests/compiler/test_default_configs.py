@@ -22,12 +22,13 @@ FAMILIES = {  # config class prefix: the config's own names for what TINY sets, 
     "SmolLM3": dict(num_key_value_heads=2, pad_token_id=0),
     "Falcon": dict(),  # multi-query: SDPA broadcasts its one kv head over the query heads
     "GPTBigCode": NO_DROPOUT,  # multi-query too, and `hidden_states.view(input_shape + (H,))`
+    "GPT2": NO_DROPOUT,  # Conv1D: torch.addmm(bias, x.view(-1, H), weight)
     "Apertus": dict(num_key_value_heads=2),  # xIELU: torch.min(x, eps), elementwise
     "Exaone4": dict(num_key_value_heads=2),  # a sliding-window cache longer than the sequence
     "Llama4Text": dict(num_key_value_heads=2, moe_layers=[]),  # complex rope (view_as_complex); no MoE
 }
-MODEL_CLASS = {"Llama4Text": "Llama4ForCausalLM"}
-DEFAULT_RUN = {"Qwen3", "GPTNeoX", "Falcon"}  # the rest under `make test-all` (GPTBigCode: tests/verify/test_randomness.py)
+MODEL_CLASS = {"Llama4Text": "Llama4ForCausalLM", "GPT2": "GPT2LMHeadModel"}
+DEFAULT_RUN = {"Qwen3", "GPTNeoX", "Falcon", "GPT2"}  # the rest under `make test-all` (GPTBigCode: tests/verify/test_randomness.py)
 
 
 def _model_fn(family):
@@ -58,8 +59,12 @@ def test_negative_control_a_broadcast_kv_head_split_like_query_heads_is_caught(m
     as it did before ``_broadcasts_one_kv_head``): the verifier fails it."""
     from autosp.passes import attention
     monkeypatch.setattr(attention, "_broadcasts_one_kv_head", lambda *args: False)
-    result = verify(_model_fn("Falcon"), causal_inputs, impl="autosp-eager", dtype=torch.float64,
-                    world_size=2, seq_len=13)
+    torch._dynamo.reset()  # Dynamo would reuse an earlier test's graph; and no later test this one's
+    try:
+        result = verify(_model_fn("Falcon"), causal_inputs, impl="autosp-eager", dtype=torch.float64,
+                        world_size=2, seq_len=13)
+    finally:
+        torch._dynamo.reset()
     assert result.status == "fail", (result.status, result.error)
 
 

@@ -10,7 +10,7 @@ from .mixing_models import MIXERS, MixingLM, inputs_fn
 
 OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
-            "roll": "roll", "min_over_seq": "min"}
+            "roll": "roll", "min_over_seq": "min", "addmm_over_seq": "addmm"}
 
 
 def _compile_for(kind, world_size):
@@ -40,6 +40,18 @@ def test_elementwise_max_and_a_slice_keeping_every_position_are_exact(kind):
     result = verify(lambda: MixingLM(kind), inputs_fn, impl="autosp-eager", dtype=torch.float64,
                     world_size=2, seq_len=13)
     assert result.passed, (result.status, result.error, result.failures[:5])
+
+
+def test_dropout_is_said_once_with_its_line_and_a_model_without_any_is_not(recwarn):
+    """Each rank draws its chunk's mask from its own generator (alike where seeded alike): said,
+    with the model's line; the same model without dropout says nothing (the control)."""
+    from autosp.passes.registry import COUNTERS
+    _compile_for("sdpa", 2)
+    assert not [w for w in recwarn if "random numbers" in str(w.message)]
+    before = COUNTERS["random_draws"]
+    with pytest.warns(UserWarning, match=r"draws random numbers[\s\S]*mixing_models.py.*dropout_p=0.1"):
+        _compile_for("sdpa_dropout", 2)
+    assert COUNTERS["random_draws"] > before
 
 
 def test_attention_dropout_past_the_head_count_is_refused_with_the_way_out():
