@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from autosp.errors import AutoSPError
-from autosp.passes import ops
+from autosp.passes import ops, token_wise
 
 FULL, SHARDED, REPLICATED = "full", "sharded", "replicated"
 LAYOUT, RULE = "autosp_layout", "autosp_rule"
@@ -155,6 +155,7 @@ class Analysis:
         self.gm, self.seq = gm, seq
         self.S = seq.symbol
         self.activation: set[fx.Node] = set()
+        self.token_wise_modules = 0  # calls of token-wise modules (token_wise.py), after ``run``
 
     # -- helpers ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:
@@ -210,6 +211,12 @@ class Analysis:
             self.activation.add(node)
         sharded = [i for i in inputs if is_sharded(layout_of(i))]
         value = example_value(node)
+        region = token_wise.region_of(node)
+        if region is not None:  # no per-op rules inside: this rank's tokens, sizes made local
+            node.meta[LAYOUT] = self.region_layout(value)
+            if not isinstance(value, torch.SymInt):
+                node.meta[RULE], node.meta[token_wise.REGION] = token_wise.RULE, region
+            return
         if node.op == "call_function" and node.target is operator.getitem and isinstance(
                 example_value(node.args[0]), (tuple, list)):
             node.meta[LAYOUT] = self.element_layout(node)
@@ -228,6 +235,13 @@ class Analysis:
         from autosp.passes import rules  # the per-op rules; imported here to keep this file short
         node.meta[LAYOUT] = rules.apply(self, node, sharded)
 
+    def region_layout(self, value):
+        """Inside a token-wise module: sharded wherever the sequence is (tuples element by element)."""
+        if isinstance(value, (tuple, list)):
+            return tuple(self.region_layout(v) for v in value)
+        dims = seq_dims(value, self.S)
+        return SeqLayout(SHARDED, dims[0]) if dims else REPLICATED_LAYOUT
+
     def element_layout(self, node) -> SeqLayout:
         """Layout of ``tuple_value[i]`` for ops with several outputs (split, chunk, topk...)."""
         parent, index = node.args
@@ -240,6 +254,7 @@ class Analysis:
 def analyse(gm: fx.GraphModule, seq: SeqSymbol) -> Analysis:
     analysis = Analysis(gm, seq)
     analysis.run()
+    analysis.token_wise_modules = token_wise.check_exits(gm.graph.nodes, analysis.dims)
     _check_other_symbols(analysis)
     return analysis
 

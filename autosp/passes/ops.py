@@ -89,6 +89,9 @@ SEQ_SUM_REDUCTIONS = {torch.sum, torch.mean, "sum", "mean"}
 
 LINEAR = {F.linear, torch._C._nn.linear}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+# Along a dim of theirs (argument 1), element by element elsewhere: positional when that is not the sequence.
+SCATTER_GATHER = {torch.gather, torch.scatter, torch.scatter_add, "gather", "scatter", "scatter_", "scatter_add",
+                  "scatter_add_"}
 ADDMM = {torch.addmm, "addmm"}  # bias + mat1 @ mat2 (GPT-2's Conv1D): a matmul of mat1's rows
 EMBEDDING = {F.embedding, torch.embedding}
 # Normalise over their trailing ``normalized_shape`` dims (group_norm, which also normalises over

@@ -26,6 +26,7 @@ from autosp.passes.sizes import local_sizes
 def layout(ctx: PassContext) -> None:
     analysis = analyse(ctx.gm, ctx.seq)
     ctx.counters["activations"] = len(analysis.activation)
+    ctx.counters["token_wise_modules"] = analysis.token_wise_modules
 
 
 PASSES: dict[str, Callable[[PassContext], None]] = {

@@ -90,6 +90,10 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
     first = node.args[0] if node.args else None
     if ops.is_pointwise(node):
         return None if nd - d == out_ndim - out_dim else "broadcasting moves the sequence dim"
+    if node.op == "call_method" and target == "copy_":  # into a chunk (DeepSeek's MLA fills new_empty keys)
+        if layout_of(first).state != SHARDED:
+            return "it writes a sequence chunk into a value every rank holds whole"
+        return None if nd - d == out_ndim - out_dim else "broadcasting moves the sequence dim"
     if ops.is_view(node) or ops.is_relayout(node) or ops.takes_shape_args(node):
         return None
     if ops.dim_spec(node) is not None:
@@ -115,6 +119,10 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
         bias, a, b = (tuple(node.args) + (None,) * 3)[:3]  # (self, mat1, mat2) as a method too
         rows = nd == 2 and d == 0 and isinstance(b, fx.Node) and not an.dims(b)
         return None if rows and (src is a or src is bias) else "the sequence is contracted, or both sides carry it"
+    if target in ops.SCATTER_GATHER:
+        along = call_arg(node, 1, "dim")
+        return None if isinstance(along, int) and along % nd != d and d == out_dim else \
+            "it gathers or scatters along the sequence"
     if target in ops.EMBEDDING:
         weight = node.args[1] if target is torch.nn.functional.embedding else node.args[0]
         return None if src is not weight else "the embedding table carries the sequence"

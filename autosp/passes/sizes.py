@@ -7,6 +7,9 @@
 - A slice dropping trailing positions of a sharded value (``logits[:, :-1]``) keeps the chunk
   whole; the layout's shorter length marks the dropped positions as padding.
 
+- Inside a token-wise module (``token_wise.py``) every size argument is local: the module runs on
+  this rank's tokens (``arange(num_tokens)`` counts them).
+
 Invariant after: every size argument on a sharded value is local, every other one full.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import fx
 
 from autosp.passes.layout import RULE, example_value, is_sharded, layout_of, stands_for
-from autosp.passes import ops
+from autosp.passes import ops, token_wise
 from autosp.passes.rules import getitem_dims
 
 
@@ -49,6 +52,6 @@ def local_sizes(ctx) -> None:
             expanded[position] = slice(None)
             node.args = (src, tuple(expanded))
             ctx.counters["tail_slice"] += 1
-        elif is_sharded(layout_of(node)) and ops.takes_shape_args(node):
+        elif rule == token_wise.RULE or (is_sharded(layout_of(node)) and ops.takes_shape_args(node)):
             node.args = tuple(_localize(ctx, a) for a in node.args)
             node.kwargs = {k: _localize(ctx, v) for k, v in node.kwargs.items()}
