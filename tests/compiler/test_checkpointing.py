@@ -33,7 +33,8 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("name,world_size,seq_len", [("hf_llama", 4, 13), ("llama_style", 2, 13),
+@pytest.mark.parametrize("name,world_size,seq_len", [pytest.param("hf_llama", 4, 13, marks=pytest.mark.slow),
+                                                     ("llama_style", 2, 13),
                                                      ("llama_style", 4, 16)])
 def test_selective_checkpointing_is_exact(name, world_size, seq_len):
     result = verify_file(os.path.join(FIXTURES, f"{name}.py"), impl=autosp_impl("aot_eager", **SELECTIVE),

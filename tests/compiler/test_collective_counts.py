@@ -41,7 +41,7 @@ def _run(fixture, world_size, seq_len):
 
 
 @pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_mistral"])
-@pytest.mark.parametrize("world_size,seq_len", [(2, 16), (4, 13)])
+@pytest.mark.parametrize("world_size,seq_len", [pytest.param(2, 16, marks=pytest.mark.slow), (4, 13)])
 def test_collectives_are_the_ulysses_minimum(name, world_size, seq_len):
     fixture = _load(name)
     layers = fixture.model_fn().config.num_hidden_layers

@@ -32,7 +32,8 @@ def test_the_compiler_keeps_ulysses_while_the_heads_allow_then_sends_the_fewest_
         sp_degrees(8, 8, ulysses=3)
 
 
-@pytest.mark.parametrize("world_size,seq_len", [(8, 16), (8, 13), pytest.param(16, 32, marks=pytest.mark.slow), (16, 29)])
+@pytest.mark.parametrize("world_size,seq_len", [(8, 16), (8, 13), pytest.param(16, 32, marks=pytest.mark.slow),
+                                                      pytest.param(16, 29, marks=pytest.mark.slow)])  # R = 8: property test
 def test_four_heads_are_exact_past_the_head_count(world_size, seq_len):
     from autosp.masked_attention import KERNELS
     KERNELS.clear()

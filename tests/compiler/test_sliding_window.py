@@ -33,6 +33,7 @@ def test_hf_sliding_window_model_as_loaded_is_exact_on_the_fused_kernel():
     assert kernels.get("fused", 0) > 0 and kernels.get("blocks", 0) == 0, kernels
 
 
+@pytest.mark.slow  # CI's budget: the kernel-mask control in test_masks.py catches it in the default run
 def test_negative_control_the_earlier_keys_not_flipped_are_caught(monkeypatch):
     """The earlier keys' call run causally as they come (not in reverse order): each row then
     sees the wrong ones of them, and the verifier fails it."""
