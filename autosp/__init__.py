@@ -7,4 +7,5 @@ from autosp.passes.registry import COUNTERS
 from autosp.passes.token_wise import register_token_wise
 
 __all__ = ["AutoSPError", "COUNTERS", "CompiledSP", "SPConfig", "collective_counts", "compile",
-           "gather_sequence", "prepare_autosp_inputs", "prepare_inputs", "register_token_wise", "reset_collective_counts"]
+           "gather_sequence", "prepare_autosp_inputs", "prepare_inputs", "register_token_wise",
+           "reset_collective_counts"]

@@ -66,9 +66,9 @@ def _addmm_over_seq(h):
     return h + torch.addmm(h.new_zeros(HIDDEN), h[0].t(), h[0]).sum()  # [H, S] @ [S, H]: contracts S
 
 
-MIXERS = {"group_norm": _group_norm, "addmm_over_seq": _addmm_over_seq, "min_over_seq": _min_over_seq, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
+MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
-          "roll": _roll}
+          "roll": _roll, "min_over_seq": _min_over_seq, "addmm_over_seq": _addmm_over_seq}
 
 
 def _sdpa_dropout(h):
@@ -109,8 +109,9 @@ def _last_positions_of_a_longer_window(h):
     return h[:, -64:] * 2
 
 
-POSITIONAL = {"sdpa": _sdpa, "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
-              "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints}
+POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
+              "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints,
+              "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window}
 
 
 class MixingLM(nn.Module):

@@ -28,7 +28,8 @@ FAMILIES = {  # config class prefix: the config's own names for what TINY sets, 
     "Llama4Text": dict(num_key_value_heads=2, moe_layers=[]),  # complex rope (view_as_complex); no MoE
 }
 MODEL_CLASS = {"Llama4Text": "Llama4ForCausalLM", "GPT2": "GPT2LMHeadModel"}
-DEFAULT_RUN = {"Qwen3", "GPTNeoX", "Falcon", "GPT2"}  # the rest under `make test-all` (GPTBigCode: tests/verify/test_randomness.py)
+# The rest under `make test-all` (GPTBigCode runs by default in tests/verify/test_randomness.py).
+DEFAULT_RUN = {"Qwen3", "GPTNeoX", "Falcon", "GPT2"}
 
 
 def _model_fn(family):

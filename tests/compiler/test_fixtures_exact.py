@@ -1,6 +1,7 @@
 """Every bundled fixture, through the verifier against one device: P in {2, 4, 8} on threads and
-{2, 4} on gloo (`make test-all`; the default run's gloo exactness: tests/compiler/test_runtime.py), lengths that P does and does not divide, float64 and float32, with and without
-position_ids. The table's tolerances (float64 1e-10, float32 1e-5 relative) decide."""
+{2, 4} on gloo (`make test-all`; the default run's gloo exactness: tests/compiler/test_runtime.py),
+lengths that P does and does not divide, float64 and float32, with and without position_ids. The
+table's tolerances (float64 1e-10, float32 1e-5 relative) decide."""
 import glob
 import os
 

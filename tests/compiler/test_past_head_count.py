@@ -32,8 +32,9 @@ def test_the_compiler_keeps_ulysses_while_the_heads_allow_then_sends_the_fewest_
         sp_degrees(8, 8, ulysses=3)
 
 
+# P=16 (R = 4) under `make test-all`; P=8 here is R = 2 (the property test draws P up to 8 over 1-16 heads)
 @pytest.mark.parametrize("world_size,seq_len", [(8, 16), (8, 13), pytest.param(16, 32, marks=pytest.mark.slow),
-                                                      pytest.param(16, 29, marks=pytest.mark.slow)])  # R = 8: property test
+                                                pytest.param(16, 29, marks=pytest.mark.slow)])
 def test_four_heads_are_exact_past_the_head_count(world_size, seq_len):
     from autosp.masked_attention import KERNELS
     KERNELS.clear()

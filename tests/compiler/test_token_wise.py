@@ -9,9 +9,9 @@ import autosp
 from autosp.passes import token_wise
 from autosp_verify import verify
 
+from .test_default_configs import VOCAB, causal_inputs
 from .token_wise_models import LeakyCount, MixingMLP, SortedMLP, TokenWiseLM, inputs_fn
 
-VOCAB = 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
 MOE = {  # config class prefix: its own names for experts; float32: transformers' grouped_mm takes no float64
@@ -27,18 +27,13 @@ MOE = {  # config class prefix: its own names for experts; float32: transformers
 DEFAULT_RUN = {"Mixtral", "DeepseekV3"}  # the rest under `make test-all`
 
 
-def _causal(batch, seq_len, generator):
-    ids = torch.randint(1, VOCAB, (batch, seq_len), generator=generator)
-    return {"input_ids": ids, "labels": ids.clone()}
-
-
 @pytest.mark.parametrize("family", [f if f in DEFAULT_RUN else pytest.param(f, marks=pytest.mark.slow)
                                     for f in sorted(MOE)])
 def test_hf_mixture_of_experts_is_exact(family):
     config = getattr(transformers, f"{family}Config")(**TINY, **MOE[family])
     model_class = getattr(transformers, f"{family}ForCausalLM")
     before = autosp.COUNTERS["token_wise_modules"]
-    result = verify(lambda: model_class(config).train(), _causal, impl="autosp-eager", dtype=torch.float32,
+    result = verify(lambda: model_class(config).train(), causal_inputs, impl="autosp-eager", dtype=torch.float32,
                     world_size=2, seq_len=13)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert autosp.COUNTERS["token_wise_modules"] > before

@@ -24,7 +24,8 @@ def cases(draw):
     heads = kv_heads * draw(st.integers(1, 4))
     config = LMConfig(heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([2, 4])),
                       layers=draw(st.integers(1, 2)), vocab=VOCAB,
-                      gqa_in_sdpa=draw(st.booleans()), kv_broadcast=draw(st.booleans()), explicit_mask=draw(st.booleans()),
+                      gqa_in_sdpa=draw(st.booleans()), kv_broadcast=draw(st.booleans()),
+                      explicit_mask=draw(st.booleans()),
                       causal=draw(st.booleans()), cache=draw(st.booleans()))
     return dict(config=config, world_size=world_size, seq_len=draw(st.integers(2, 3 * world_size + 3)),
                 batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([torch.float64, torch.float32])),
