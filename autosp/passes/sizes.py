@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autosp.passes.layout import RULE, example_value, is_sharded, layout_of, stands_for
+from autosp.errors import AutoSPError
+from autosp.passes.layout import RULE, example_value, is_sharded, layout_of, source_line, stands_for
 from autosp.passes import ops, token_wise
 from autosp.passes.rules import getitem_dims
 
@@ -55,3 +56,23 @@ def local_sizes(ctx) -> None:
         elif rule == token_wise.RULE or (is_sharded(layout_of(node)) and ops.takes_shape_args(node)):
             node.args = tuple(_localize(ctx, a) for a in node.args)
             node.kwargs = {k: _localize(ctx, v) for k, v in node.kwargs.items()}
+            _check_local(ctx, node)
+
+
+def _full_sizes(ctx, arg) -> list:
+    """The sizes ``arg`` still holds that carry the full sequence length (nodes made elsewhere)."""
+    if isinstance(arg, (tuple, list)):
+        return [s for a in arg for s in _full_sizes(ctx, a)]
+    value = example_value(arg) if isinstance(arg, fx.Node) else None
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in values if isinstance(v, torch.SymInt) and ctx.seq.symbol in v.node.expr.free_symbols]
+
+
+def _check_local(ctx, node) -> None:
+    """The invariant, checked where it is made: a size this pass could not reach (a shape built
+    some other way) would reshape a chunk to the whole sequence at run time."""
+    left = _full_sizes(ctx, [*node.args, *node.kwargs.values()])
+    if left:
+        raise AutoSPError(f"cannot shard {ops.op_name(node)} ({node.name}): its size argument {left[0]} is the "
+                          f"whole sequence's, built in a way autosp cannot make this rank's (please report it)"
+                          f"\n  at {source_line(node)}")

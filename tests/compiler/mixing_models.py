@@ -109,9 +109,15 @@ def _last_positions_of_a_longer_window(h):
     return h[:, -64:] * 2
 
 
+def _view_to_a_built_shape(h):
+    """``input_shape + (H,)``: Dynamo builds a ``torch.Size`` node (GPTBigCode's last view)."""
+    return (h * 2).view(h.shape[:-1] + (HIDDEN,))
+
+
 POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
               "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints,
-              "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window}
+              "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window,
+              "built_shape": _view_to_a_built_shape}
 
 
 class MixingLM(nn.Module):

@@ -33,13 +33,29 @@ def test_attention_model_compiles():
     _compile_for("sdpa", 2)
 
 
-@pytest.mark.parametrize("kind", ["max_of_two", "window_longer"])
+@pytest.mark.parametrize("kind", ["max_of_two", "window_longer", "built_shape"])
 def test_elementwise_max_and_a_slice_keeping_every_position_are_exact(kind):
     """Controls for ``min_over_seq`` and ``last_token`` above: max/min of two tensors is
     elementwise; ``h[:, -64:]`` of fewer than 64 positions keeps them all (Dynamo traced it so)."""
     result = verify(lambda: MixingLM(kind), inputs_fn, impl="autosp-eager", dtype=torch.float64,
                     world_size=2, seq_len=13)
     assert result.passed, (result.status, result.error, result.failures[:5])
+
+
+def test_negative_control_a_size_left_whole_on_a_chunk_is_refused_at_compile_time(monkeypatch):
+    """``local_sizes`` without its ``torch.Size`` case: the view would reshape a chunk to the
+    whole sequence at run time (GPTBigCode crashed so); the pass's own check refuses it instead."""
+    from torch import fx
+
+    from autosp.passes import sizes
+    localize = sizes._localize
+    monkeypatch.setattr(sizes, "_localize", lambda ctx, arg: arg if isinstance(arg, fx.Node) and
+                        arg.target is torch.Size else localize(ctx, arg))
+    try:
+        with pytest.raises(autosp.AutoSPError, match=r"whole sequence's[\s\S]*mixing_models.py"):
+            _compile_for("built_shape", 2)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_dropout_is_said_once_with_its_line_and_a_model_without_any_is_not(recwarn):
