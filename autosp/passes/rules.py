@@ -119,6 +119,10 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
         bias, a, b = (tuple(node.args) + (None,) * 3)[:3]  # (self, mat1, mat2) as a method too
         rows = nd == 2 and d == 0 and isinstance(b, fx.Node) and not an.dims(b)
         return None if rows and (src is a or src is bias) else "the sequence is contracted, or both sides carry it"
+    if node.op == "call_method" and target == "repeat":  # tiled along other dims (DiffLlama's heads)
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        along = sizes[len(sizes) - nd + d] if len(sizes) >= nd else None
+        return None if along == 1 and nd - d == out_ndim - out_dim else "it repeats the sequence"
     if target in ops.SCATTER_GATHER:
         along = call_arg(node, 1, "dim")
         return None if isinstance(along, int) and along % nd != d and d == out_dim else \

@@ -14,6 +14,7 @@ Invariant after: every size argument on a sharded value is local, every other on
 """
 from __future__ import annotations
 
+import operator
 
 import torch
 from torch import fx
@@ -60,12 +61,24 @@ def local_sizes(ctx) -> None:
 
 
 def _full_sizes(ctx, arg) -> list:
-    """The sizes ``arg`` still holds that carry the full sequence length (nodes made elsewhere)."""
+    """The sizes ``arg`` still holds that carry the full sequence length: single sizes were all
+    made local above; a shape read off a chunk (``x.shape``) is the chunk's at run time."""
     if isinstance(arg, (tuple, list)):
         return [s for a in arg for s in _full_sizes(ctx, a)]
     value = example_value(arg) if isinstance(arg, fx.Node) else None
-    values = value if isinstance(value, (tuple, list)) else [value]
-    return [v for v in values if isinstance(v, torch.SymInt) and ctx.seq.symbol in v.node.expr.free_symbols]
+    if not isinstance(value, (tuple, list)) or _read_off_a_chunk(arg):
+        return []
+    return [v for v in value if isinstance(v, torch.SymInt) and ctx.seq.symbol in v.node.expr.free_symbols]
+
+
+def _read_off_a_chunk(node) -> bool:
+    """``x.shape`` of a chunk, a slice of it, or it with constant sizes added (``+ (H,)``)."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return is_sharded(layout_of(node.args[0]))
+    if node.op == "call_function" and node.target in (operator.getitem, operator.add):
+        shapes = [a for a in node.args if isinstance(a, fx.Node)]
+        return bool(shapes) and all(_read_off_a_chunk(a) for a in shapes)
+    return False
 
 
 def _check_local(ctx, node) -> None:

@@ -66,9 +66,14 @@ def _addmm_over_seq(h):
     return h + torch.addmm(h.new_zeros(HIDDEN), h[0].t(), h[0]).sum()  # [H, S] @ [S, H]: contracts S
 
 
+def _repeat_along_seq(h):
+    return h + h.repeat(1, 2, 1)[:, 1::2]  # two copies end to end, every other position: mixes them
+
+
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
-          "roll": _roll, "min_over_seq": _min_over_seq, "addmm_over_seq": _addmm_over_seq}
+          "roll": _roll, "min_over_seq": _min_over_seq, "addmm_over_seq": _addmm_over_seq,
+          "repeat_along_seq": _repeat_along_seq}
 
 
 def _sdpa_dropout(h):
@@ -109,15 +114,21 @@ def _last_positions_of_a_longer_window(h):
     return h[:, -64:] * 2
 
 
+def _repeat_along_hidden(h):
+    """``Tensor.repeat`` along other dims (DiffLlama tiles its value heads)."""
+    return h.repeat(1, 1, 2)[..., :HIDDEN] + h
+
+
 def _view_to_a_built_shape(h):
     """``input_shape + (H,)``: Dynamo builds a ``torch.Size`` node (GPTBigCode's last view)."""
-    return (h * 2).view(h.shape[:-1] + (HIDDEN,))
+    shape = h.shape
+    return (h * 2).view(h.shape[:-1] + (HIDDEN,)).reshape(shape[:-1] + (HIDDEN,))  # and the chunk's own
 
 
 POSITIONAL = {"sdpa": _sdpa, "sdpa_dropout": _sdpa_dropout, "checkpointed_sdpa": _checkpointed_sdpa,
               "checkpointed_with_policy": _checkpointed_with_policy, "nested_checkpoints": _nested_checkpoints,
               "max_of_two": _max_of_two, "window_longer": _last_positions_of_a_longer_window,
-              "built_shape": _view_to_a_built_shape}
+              "built_shape": _view_to_a_built_shape, "repeat_along_hidden": _repeat_along_hidden}
 
 
 class MixingLM(nn.Module):

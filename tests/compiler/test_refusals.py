@@ -10,7 +10,8 @@ from .mixing_models import MIXERS, MixingLM, inputs_fn
 
 OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
-            "roll": "roll", "min_over_seq": "min", "addmm_over_seq": "addmm"}
+            "roll": "roll", "min_over_seq": "min", "addmm_over_seq": "addmm",
+            "repeat_along_seq": "repeat"}
 
 
 def _compile_for(kind, world_size):
@@ -33,7 +34,7 @@ def test_attention_model_compiles():
     _compile_for("sdpa", 2)
 
 
-@pytest.mark.parametrize("kind", ["max_of_two", "window_longer", "built_shape"])
+@pytest.mark.parametrize("kind", ["max_of_two", "window_longer", "built_shape", "repeat_along_hidden"])
 def test_elementwise_max_and_a_slice_keeping_every_position_are_exact(kind):
     """Controls for ``min_over_seq`` and ``last_token`` above: max/min of two tensors is
     elementwise; ``h[:, -64:]`` of fewer than 64 positions keeps them all (Dynamo traced it so)."""
