@@ -104,8 +104,9 @@ def _nested_checkpoints(h):
 
 
 def _max_of_two(h):
-    """max/min of two tensors: elementwise (Apertus' xIELU: ``torch.min(x, self.eps)``)."""
-    return torch.max(h, torch.zeros_like(h)) + h.min(h * 0.5)
+    """max/min of two tensors: elementwise (Apertus' xIELU: ``torch.min(x, self.eps)``); so are
+    torch's aliases (Gemma 3n: ``torch.multiply``)."""
+    return torch.multiply(torch.max(h, torch.zeros_like(h)), 2.0) + torch.subtract(h.min(h * 0.5), 1.0)
 
 
 def _last_positions_of_a_longer_window(h):
