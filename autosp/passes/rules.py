@@ -88,10 +88,9 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
     nd = example_value(src).dim()
     target = node.target
     first = node.args[0] if node.args else None
-    if ops.is_pointwise(node):
-        return None if nd - d == out_ndim - out_dim else "broadcasting moves the sequence dim"
-    if node.op == "call_method" and target == "copy_":  # into a chunk (DeepSeek's MLA fills new_empty keys)
-        if layout_of(first).state != SHARDED:
+    copy = node.op == "call_method" and target == "copy_"  # into a chunk (DeepSeek's MLA fills new_empty keys)
+    if ops.is_pointwise(node) or copy:
+        if copy and layout_of(first).state != SHARDED:
             return "it writes a sequence chunk into a value every rank holds whole"
         return None if nd - d == out_ndim - out_dim else "broadcasting moves the sequence dim"
     if ops.is_view(node) or ops.is_relayout(node) or ops.takes_shape_args(node):
