@@ -84,7 +84,7 @@ def check_sdpa(named_modules, who: str) -> None:
     error that never names it. ``named_modules``: (name, module) pairs to look at."""
     for name, module in named_modules:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        if impl not in (None, "sdpa"):
+        if impl not in (None, "sdpa", "eager"):
             where = f"{name} ({type(module).__name__})" if name else type(module).__name__
             raise AutoSPError(f"{where} uses attn_implementation={impl!r}: {who} needs 'sdpa' (torch's "
                               "scaled_dot_product_attention); load the model with attn_implementation='sdpa' "

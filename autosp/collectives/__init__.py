@@ -12,17 +12,17 @@ the eager path (``autosp.multimodal``) alike.
   the head count how P splits into Ulysses blocks and gathered kv blocks (``sp_degrees``).
 - ``ops``: the custom ops with autograd (shard, all-to-alls between sequence- and head-sharded,
   within Ulysses blocks too, keys and values gathered over the blocks, group sum, gather with a
-  reduce-scatter backward; ``attention_to_seq``, the all-to-all after an attention whose output
-  is held once) and the eager helpers.
+  reduce-scatter backward; ``head_chunk``, a rank's heads of a per-head value; ``attention_to_seq``,
+  the all-to-all after an attention whose output is held once) and the eager helpers.
 """
 from autosp.collectives.groups import (WORLD, check_device, collective_counts, count, group_key,
                                        reset_collective_counts, resolve_group)
 from autosp.collectives.layout import ChunkLayout, kv_heads_sent, kv_repeats, output_held_once, sp_degrees
 from autosp.collectives.ops import (attention_to_seq, count_once, gather, gather_chunks, gather_kv, gather_sequence, group_sum,
-                                    head_to_seq, mask_padding, pad_to, seq_to_head, shard, shard_chunk,
+                                    head_chunk, head_to_seq, mask_padding, pad_to, seq_to_head, shard, shard_chunk,
                                     strip_padding, unshard_grad)
 
 __all__ = ["WORLD", "ChunkLayout", "attention_to_seq", "check_device", "collective_counts", "count", "count_once", "gather",
-           "gather_chunks", "gather_kv", "gather_sequence", "group_key", "group_sum", "head_to_seq",
+           "gather_chunks", "gather_kv", "gather_sequence", "group_key", "group_sum", "head_chunk", "head_to_seq",
            "kv_heads_sent", "kv_repeats", "mask_padding", "output_held_once", "pad_to", "reset_collective_counts", "resolve_group",
            "seq_to_head", "shard", "shard_chunk", "sp_degrees", "strip_padding", "unshard_grad"]

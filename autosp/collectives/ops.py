@@ -215,12 +215,15 @@ def head_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, group: s
 
 @head_to_seq.register_fake
 def _h2s_fake(x, seq_dim, head_dim, num_heads, group, world_size, ulysses=0, repeats=1):
-    u = ulysses or world_size
+    return _sequence_major_empty(x, num_heads, x.shape[seq_dim] // (ulysses or world_size), seq_dim, head_dim)
+
+
+def _sequence_major_empty(x: Tensor, num_heads, local_len, seq_dim: int, head_dim: int) -> Tensor:
+    """A new tensor like ``x`` with ``num_heads`` heads and ``local_len`` positions, laid out as
+    _sequence_major lays it out, made in one op (a permute of a new tensor costs 3x as much to
+    trace with a symbolic sequence, and the compile traces this for every attention)."""
     shape = list(x.shape)
-    shape[head_dim] = num_heads
-    shape[seq_dim] = shape[seq_dim] // u
-    # as _sequence_major lays it out, made in one op (a permute of a new tensor costs 3x as much
-    # to trace with a symbolic sequence, and the compile traces this for every attention)
+    shape[head_dim], shape[seq_dim] = num_heads, local_len
     strides, step = [0] * len(shape), 1
     for d in reversed(_swap(len(shape), seq_dim, head_dim)):
         strides[d], step = step, step * shape[d]
@@ -266,6 +269,63 @@ def _h2s_backward(ctx, grad):
 
 seq_to_head.register_autograd(_s2h_backward, setup_context=_s2h_setup)
 head_to_seq.register_autograd(_h2s_backward, setup_context=_h2s_setup)
+
+
+# --- the same all-to-alls without the padding positions (attention written out) -------------------
+#
+# Attention written out runs the model's own ops on the heads, whose sizes are the model's: S, not
+# the padded P * ceil(S/P). The padding is cut off (and put back) inside the ops, where the compile
+# never compares S with the padded length (a graph op would have it guard on their equality).
+
+@torch.library.custom_op("autosp::seq_to_head_whole", mutates_args=())
+def seq_to_head_whole(x: Tensor, seq_dim: int, head_dim: int, length: int, group: str, world_size: int) -> Tensor:
+    """seq_to_head, then the first ``length`` positions (the sequence without its padding)."""
+    heads = seq_to_head(x, seq_dim, head_dim, group, world_size)
+    return heads.narrow(seq_dim, 0, length).contiguous()
+
+
+@seq_to_head_whole.register_fake
+def _(x, seq_dim, head_dim, length, group, world_size):
+    shape = list(x.shape)
+    shape[head_dim] = -(-shape[head_dim] // world_size)
+    shape[seq_dim] = length
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::head_whole_to_seq", mutates_args=())
+def head_whole_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, local_len: int, group: str,
+                      world_size: int) -> Tensor:
+    """Inverse of seq_to_head_whole: the padding positions put back (zeros), then head_to_seq."""
+    padded = pad_to(x, seq_dim, local_len * world_size)
+    return head_to_seq(padded, seq_dim, head_dim, num_heads, group, world_size)
+
+
+@head_whole_to_seq.register_fake
+def _(x, seq_dim, head_dim, num_heads, local_len, group, world_size):
+    return _sequence_major_empty(x, num_heads, local_len, seq_dim, head_dim)
+
+
+def _s2hw_setup(ctx, inputs, output):
+    x, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size = inputs
+    ctx.num_heads, ctx.local_len = x.shape[ctx.head_dim], x.shape[ctx.seq_dim]
+
+
+def _s2hw_backward(ctx, grad):
+    return (head_whole_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.local_len, ctx.group,
+                              ctx.world_size),) + (None,) * 5
+
+
+def _hw2s_setup(ctx, inputs, output):
+    x, ctx.seq_dim, ctx.head_dim, _, _, ctx.group, ctx.world_size = inputs
+    ctx.length = x.shape[ctx.seq_dim]
+
+
+def _hw2s_backward(ctx, grad):
+    return (seq_to_head_whole(grad, ctx.seq_dim, ctx.head_dim, ctx.length, ctx.group, ctx.world_size),) + (None,) * 6
+
+
+seq_to_head_whole.register_autograd(_s2hw_backward, setup_context=_s2hw_setup)
+head_whole_to_seq.register_autograd(_hw2s_backward, setup_context=_hw2s_setup)
 
 
 # --- attention_to_seq: head_to_seq of an attention output that is held once -------------------------
@@ -376,6 +436,56 @@ def _gather_kv_backward(ctx, grad):
 
 
 gather_kv.register_autograd(_gather_kv_backward, setup_context=_gather_kv_setup)
+
+
+# --- head_chunk: this rank's heads of a value with one entry per head ------------------------------
+
+@torch.library.custom_op("autosp::head_chunk", mutates_args=())
+def head_chunk(x: Tensor, head_dim: int, group: str, world_size: int) -> Tensor:
+    """This rank's heads of ``x`` along ``head_dim``, as ``seq_to_head`` gives them: ceil(H/P) per
+    rank, zero heads past H (an attention written out reads such a value beside its scores:
+    GPT-OSS's sinks, an ALiBi bias). No communication, forward or backward: every rank holds x."""
+    per_rank = -(-x.shape[head_dim] // world_size)
+    padded = pad_to(x, head_dim, per_rank * world_size)
+    return padded.narrow(head_dim, _rank(group) * per_rank, per_rank).clone()
+
+
+@head_chunk.register_fake
+def _(x, head_dim, group, world_size):
+    shape = list(x.shape)
+    shape[head_dim] = -(-shape[head_dim] // world_size)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::head_chunk_grad", mutates_args=())
+def head_chunk_grad(grad: Tensor, head_dim: int, num_heads: int, group: str) -> Tensor:
+    """Backward of head_chunk: this rank's heads' gradient in zeros for the others (the gradients
+    summed over the group, as for every parameter, put the heads together)."""
+    per_rank = grad.shape[head_dim]
+    shape = list(grad.shape)
+    shape[head_dim] = per_rank * dist.get_world_size(resolve_group(group))
+    full = grad.new_zeros(shape)
+    full.narrow(head_dim, _rank(group) * per_rank, per_rank).copy_(grad)
+    return full.narrow(head_dim, 0, num_heads).clone()
+
+
+@head_chunk_grad.register_fake
+def _(grad, head_dim, num_heads, group):
+    shape = list(grad.shape)
+    shape[head_dim] = num_heads
+    return grad.new_empty(shape)
+
+
+def _head_chunk_setup(ctx, inputs, output):
+    x, ctx.head_dim, ctx.group, _ = inputs
+    ctx.num_heads = x.shape[ctx.head_dim]
+
+
+def _head_chunk_backward(ctx, grad):
+    return head_chunk_grad(grad, ctx.head_dim, ctx.num_heads, ctx.group), None, None, None
+
+
+head_chunk.register_autograd(_head_chunk_backward, setup_context=_head_chunk_setup)
 
 
 # --- group_sum: the loss reduction ----------------------------------------------------------------

@@ -8,6 +8,8 @@ Each tensor value gets a :class:`SeqLayout` in ``node.meta["autosp_layout"]``:
 - ``SHARDED``: this rank's chunk of the sequence along ``dim``. Every *activation* (a value
   that depends on a parameter) with a sequence dim must be sharded; that is the point.
 - ``REPLICATED``: no sequence dim; the same on every rank.
+- ``HEADS``: inside attention written out (``written_attention.py``): this rank's heads over the
+  whole sequence.
 
 The sequence is found through the symbolic size Dynamo gives the marked dims of the inputs:
 a dim carries the sequence when its size expression contains that symbol. A FULL value that
@@ -29,7 +31,7 @@ from torch import fx
 from autosp.errors import AutoSPError
 from autosp.passes import ops, token_wise
 
-FULL, SHARDED, REPLICATED = "full", "sharded", "replicated"
+FULL, SHARDED, REPLICATED, HEADS = "full", "sharded", "replicated", "heads"
 LAYOUT, RULE = "autosp_layout", "autosp_rule"
 # The single-device node whose value a node holds (in its own layout): every node of the traced
 # graph names itself; a node a pass inserts in place of one names the node it replaces; other
@@ -211,6 +213,14 @@ class Analysis:
             self.activation.add(node)
         sharded = [i for i in inputs if is_sharded(layout_of(i))]
         value = example_value(node)
+        from autosp.passes import written_attention  # imports this module
+        if written_attention.REGION in node.meta:
+            node.meta[LAYOUT] = written_attention.visit(self, node, sharded)
+            return
+        side = written_attention.side_layout(self, node, sharded)
+        if side is not None:
+            node.meta[LAYOUT] = side
+            return
         region = token_wise.region_of(node)
         if region is not None:  # no per-op rules inside: this rank's tokens, sizes made local
             node.meta[LAYOUT] = self.region_layout(value)
@@ -252,7 +262,9 @@ class Analysis:
 
 
 def analyse(gm: fx.GraphModule, seq: SeqSymbol) -> Analysis:
+    from autosp.passes import written_attention
     analysis = Analysis(gm, seq)
+    written_attention.find(gm.graph, seq.symbol)
     analysis.run()
     analysis.token_wise_modules = token_wise.check_exits(gm.graph.nodes, analysis.dims)
     _check_other_symbols(analysis)

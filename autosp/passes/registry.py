@@ -21,6 +21,7 @@ from autosp.passes.outputs import outputs
 from autosp.passes.random_draws import random_draws
 from autosp.passes.shard_inputs import shard_inputs
 from autosp.passes.sizes import local_sizes
+from autosp.passes.written_attention import written_attention
 
 
 def layout(ctx: PassContext) -> None:
@@ -36,6 +37,7 @@ PASSES: dict[str, Callable[[PassContext], None]] = {
     "shard_inputs": shard_inputs,
     "local_sizes": local_sizes,
     "attention": attention,
+    "written_attention": written_attention,
     "loss": loss,
     "outputs": outputs,
     "tag_checkpoints": tag_checkpoints,

@@ -1,0 +1,252 @@
+"""Attention written out (``softmax(q @ k.transpose(-2, -1) * scale + mask) @ v``: HF's eager
+attention, nanoGPT, most hand-written models): Ulysses around the whole of it.
+
+The *region* runs from a matmul whose result carries the sequence on its last two dims (queries x
+keys: the scores) through every op that reads the scores (scale, mask, softcap, softmax, dropout,
+sinks), up to the matmul that contracts the keys with the values. ``find`` marks it from the
+shapes before the layout walk; ``visit`` checks it during the walk; the pass rewrites it:
+
+- q, k^T and v go through ``seq_to_head`` and lose their padding positions, so the model's own
+  ops run unchanged on this rank's heads over the whole sequence, every size in them the model's
+  own (S, not a chunk's);
+- a value the region reads beside the scores is used whole (an [S, S] mask built from the
+  inputs, as on one device), or cut to this rank's heads where it has one entry per head
+  (``autosp::head_chunk``: GPT-OSS's sinks, a per-head bias); a chunk of the sequence is refused;
+- the output gets its padding positions back and goes through ``head_to_seq``.
+
+The dim before the two sequence dims is the one split over the ranks (heads, or HF's merged
+batch x heads): the region may act along any dim but that one. The scores stay [S, S] per head,
+as the model wrote them: 1/P of one device's, unlike SDPA's O(S) (docs/usage.md).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from autosp.passes import ops
+from autosp.passes.layout import (FULL, HEADS, LAYOUT, REPLICATED_LAYOUT, RULE, SHARDED, VALUE_OF, SeqLayout,
+                                  example_value, layout_of, refuse, seq_dims, stands_for)
+
+REGION = "autosp_written_attention"  # node.meta of the scores, the body and the output: its Region
+SIDE = "autosp_written_attention_side"  # node.meta: feeds only a region (built whole, never chunked)
+CHUNK = "autosp_written_attention_chunk"  # node.meta of a body node: {input: its dim of heads}
+S2H, H2S = torch.ops.autosp.seq_to_head_whole.default, torch.ops.autosp.head_whole_to_seq.default
+HEAD_CHUNK = torch.ops.autosp.head_chunk.default
+
+
+@dataclass(eq=False)
+class Region:
+    scores: fx.Node  # q @ k^T
+    ndim: int
+    body: set = field(default_factory=set)  # the scores and every node reading them, up to the output
+    output: fx.Node | None = None  # probs @ v
+    leak: fx.Node | None = None  # a node past the body reading it (or a second output)
+
+    @property
+    def split_dim(self) -> int:
+        return self.ndim - 3
+
+    @property
+    def heads(self) -> int:
+        return int(example_value(self.scores).shape[self.split_dim])
+
+
+def _carries(value, symbol, dims) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 3 and \
+        [d - value.dim() for d in seq_dims(value, symbol)] == dims
+
+
+def _is_scores(node, symbol) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2 \
+        and _carries(example_value(node), symbol, [-2, -1]) \
+        and all(isinstance(a, fx.Node) for a in node.args[:2]) \
+        and _carries(example_value(node.args[0]), symbol, [-2]) and _carries(example_value(node.args[1]), symbol, [-1])
+
+
+def _is_output(node, region, symbol) -> bool:
+    return node.target in ops.MATMUL and len(node.args) >= 2 and node.args[0] in region.body \
+        and isinstance(node.args[1], fx.Node) and node.args[1] not in region.body \
+        and _carries(example_value(node), symbol, [-2]) and _carries(example_value(node.args[1]), symbol, [-2])
+
+
+def find(graph: fx.Graph, symbol) -> int:
+    """Mark every region (see the module's docstring); returns how many."""
+    regions = 0
+    for node in graph.nodes:
+        if REGION in node.meta or not _is_scores(node, symbol):
+            continue
+        region = Region(node, example_value(node).dim(), {node})
+        todo = [node]
+        while todo:
+            for user in todo.pop().users:
+                if user in region.body or user is region.output:
+                    continue
+                if region.output is None and _is_output(user, region, symbol):
+                    region.output = user
+                elif user.op == "output" or user.target in ops.MATMUL:
+                    region.leak = region.leak or user
+                else:
+                    region.body.add(user)
+                    todo.append(user)
+        for member in (*region.body, region.output):
+            if member is not None:
+                member.meta[REGION] = region
+        _mark_side(region)
+        regions += 1
+    return regions
+
+
+def _mark_side(region) -> None:
+    """Nodes whose every user is in the region or feeds only it: values the region reads whole
+    (or cut by heads), never sequence chunks even where they carry the sequence (an expand of a
+    parameter to S rows, GPT-OSS's sinks)."""
+    inside = region.body | {region.output}
+    todo = [i for n in region.body for i in n.all_input_nodes if i not in inside]
+    while todo:
+        node = todo.pop()
+        if SIDE in node.meta or node.op != "call_function" and node.op != "call_method":
+            continue
+        if all(u in inside or SIDE in u.meta for u in node.users):
+            node.meta[SIDE] = True
+            todo += node.all_input_nodes
+
+
+def side_layout(an, node, sharded):
+    """Layout of a node feeding only a region, or None where the usual rules apply (it reads a
+    chunk: q, k and v themselves)."""
+    if not node.meta.get(SIDE) or sharded:
+        return None
+    value = example_value(node)
+    if isinstance(value, (tuple, list)) or not isinstance(value, torch.Tensor):
+        return None
+    return an.own_layout(node, FULL) if an.dims(node) else REPLICATED_LAYOUT
+
+
+def visit(an, node, sharded) -> SeqLayout:
+    """Layout of a node of a region (the scores, the body, the output), its checks made."""
+    region = node.meta[REGION]
+    if node is region.output:
+        _check_operand(an, node, node.args[1], -2, region)
+        if region.leak is not None:
+            raise refuse(region.leak, "it reads the attention weights (a [S, S] value per head) outside the "
+                                      "attention: return none (output_attentions=False)")
+        node.meta[RULE] = "written_attention"
+        return SeqLayout(SHARDED, region.ndim - 2, 1, an.S)
+    if region.output is None:
+        raise refuse(region.scores, "attention written out (q @ k^T) whose scores never meet the values "
+                                    "(no matmul with v): only softmax(q k^T) v-shaped attention is supported")
+    if node is region.scores:
+        _check_operand(an, node, node.args[0], -2, region)
+        _check_operand(an, node, node.args[1], -1, region)
+    else:
+        _check_body_op(node, region)
+        _check_side_inputs(an, node, region)
+    return SeqLayout(HEADS)
+
+
+def _check_operand(an, node, operand, seq_dim: int, region) -> None:
+    lay, value = layout_of(operand), example_value(operand)
+    if lay.state != SHARDED or lay.dim != value.dim() + seq_dim or lay.inner != 1 or lay.length is None \
+            or lay.length - an.S != 0:
+        raise refuse(node, f"{operand.name}, an input of attention written out, is not this rank's chunk of the "
+                           f"whole sequence on dim {seq_dim}")
+    if value.dim() != region.ndim or value.shape[region.split_dim] != region.heads:
+        raise refuse(node, f"{operand.name} {tuple(value.shape)} has not the scores' {region.heads} heads on dim "
+                           f"{region.split_dim} (heads broadcast by the matmul): repeat them before it")
+
+
+def _check_body_op(node, region) -> None:
+    """An op between the scores and the output must keep the split dim whole and each of its
+    entries apart: elementwise, or acting on other dims."""
+    values = example_value(node)
+    for value in values if isinstance(values, (tuple, list)) else (values,):
+        if isinstance(value, torch.Tensor) and (value.dim() != region.ndim
+                                                or value.shape[region.split_dim] != region.heads):
+            raise refuse(node, f"inside attention written out, it changes the scores' shape to "
+                               f"{tuple(value.shape)}: the heads dim {region.split_dim} must stay whole")
+    d = region.split_dim
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = example_value(node.args[0])
+        if isinstance(source, (tuple, list)):
+            return  # an element of (values, indices)
+        from autosp.passes.rules import getitem_dims
+        expanded, dims = getitem_dims(node)
+        if any(it is None for it in expanded) or dims[d] != slice(None):
+            raise refuse(node, "inside attention written out, it indexes the heads dim")
+        return
+    if ops.is_pointwise(node):
+        return
+    if ops.dim_spec(node) is not None:
+        acting = ops.acting_dims(node, region.ndim)
+        if acting is not None and d not in acting:
+            return
+    raise refuse(node, f"inside attention written out, it is neither elementwise nor acting along dims other "
+                       f"than the heads dim {d}")
+
+
+def _check_side_inputs(an, node, region) -> None:
+    """Values the body reads beside the scores: whole, or this rank's heads of a per-head value."""
+    chunks = {}
+    for src in node.all_input_nodes:
+        if REGION in src.meta and src.meta[REGION] is region:
+            continue
+        if an.dims(src) and layout_of(src).state not in (FULL, HEADS):
+            raise refuse(node, f"inside attention written out, it reads {src.name}, a chunk of the sequence "
+                               f"(a bias computed from activations): not supported")
+        value = example_value(src)
+        if isinstance(value, torch.Tensor):
+            dim = value.dim() - (region.ndim - region.split_dim)
+            if dim >= 0 and value.shape[dim] == region.heads != 1:
+                chunks[src] = dim
+    if chunks:
+        node.meta[CHUNK] = chunks
+
+
+# --- the pass --------------------------------------------------------------------------------------
+
+def written_attention(ctx) -> None:
+    for node in list(ctx.graph.nodes):
+        if node.meta.get(RULE) == "written_attention":
+            _rewrite(ctx, node)
+
+
+def _rewrite(ctx, output) -> None:
+    region, g = output.meta[REGION], ctx.graph
+    scores, nd, split = region.scores, region.ndim, region.split_dim
+    with g.inserting_before(scores):
+        q, kt = (_heads_of(ctx, t, nd + d, split) for t, d in zip(scores.args[:2], (-2, -1)))
+    scores.args = (q, kt, *scores.args[2:])
+    with g.inserting_before(output):
+        v = _heads_of(ctx, output.args[1], nd - 2, split)
+    output.args = (output.args[0], v, *output.args[2:])
+    chunks = {}
+    for node in region.body:
+        node.meta.pop(VALUE_OF, None)  # this rank's heads: no single-device value to compare with
+        for src, dim in node.meta.get(CHUNK, {}).items():
+            if (src, dim) not in chunks:
+                with ctx.inserting_after(src):
+                    chunks[src, dim] = g.call_function(HEAD_CHUNK, (src, dim, ctx.group, ctx.world_size))
+                ctx.counters["head_chunk"] += 1
+            node.replace_input_with(src, chunks[src, dim])
+    output.meta.pop(VALUE_OF, None)
+    with g.inserting_after(output):
+        out = g.call_function(H2S, (output, nd - 2, split, region.heads, ctx.local_len(), ctx.group, ctx.world_size))
+    output.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    stands_for(out, output)
+    ctx.set_layout(out, SeqLayout(SHARDED, nd - 2, 1, ctx.seq.symbol))
+    for node in (*region.body, output):  # the region's marks hold nodes: not for the graph's copies
+        for key in (REGION, CHUNK):
+            node.meta.pop(key, None)
+    ctx.counters["written_attention"] += 1
+    ctx.counters["all_to_all"] += 4
+
+
+def _heads_of(ctx, x, seq_dim: int, split: int) -> fx.Node:
+    """``x`` (a chunk of the sequence on ``seq_dim``) as this rank's heads over the whole
+    sequence, without the padding positions."""
+    heads = ctx.graph.call_function(S2H, (x, seq_dim, split, ctx.seq.node, ctx.group, ctx.world_size))
+    heads.meta["stack_trace"] = x.meta.get("stack_trace")
+    return heads
