@@ -278,50 +278,54 @@ head_to_seq.register_autograd(_h2s_backward, setup_context=_h2s_setup)
 # never compares S with the padded length (a graph op would have it guard on their equality).
 
 @torch.library.custom_op("autosp::seq_to_head_whole", mutates_args=())
-def seq_to_head_whole(x: Tensor, seq_dim: int, head_dim: int, length: int, group: str, world_size: int) -> Tensor:
-    """seq_to_head, then the first ``length`` positions (the sequence without its padding)."""
-    heads = seq_to_head(x, seq_dim, head_dim, group, world_size)
+def seq_to_head_whole(x: Tensor, seq_dim: int, head_dim: int, length: int, group: str, world_size: int,
+                      repeats: int = 1) -> Tensor:
+    """seq_to_head (each head sent ``repeats`` times), then the first ``length`` positions (the
+    sequence without its padding)."""
+    heads = seq_to_head(x, seq_dim, head_dim, group, world_size, 0, repeats)
     return heads.narrow(seq_dim, 0, length).contiguous()
 
 
 @seq_to_head_whole.register_fake
-def _(x, seq_dim, head_dim, length, group, world_size):
+def _(x, seq_dim, head_dim, length, group, world_size, repeats=1):
     shape = list(x.shape)
-    shape[head_dim] = -(-shape[head_dim] // world_size)
+    shape[head_dim] = -(-shape[head_dim] * repeats // world_size)
     shape[seq_dim] = length
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("autosp::head_whole_to_seq", mutates_args=())
 def head_whole_to_seq(x: Tensor, seq_dim: int, head_dim: int, num_heads: int, local_len: int, group: str,
-                      world_size: int) -> Tensor:
-    """Inverse of seq_to_head_whole: the padding positions put back (zeros), then head_to_seq."""
+                      world_size: int, repeats: int = 1) -> Tensor:
+    """Inverse of seq_to_head_whole: the padding positions put back (zeros), then head_to_seq
+    (``repeats`` > 1: each run of copies summed into one head, seq_to_head_whole's gradient)."""
     padded = pad_to(x, seq_dim, local_len * world_size)
-    return head_to_seq(padded, seq_dim, head_dim, num_heads, group, world_size)
+    return head_to_seq(padded, seq_dim, head_dim, num_heads, group, world_size, 0, repeats)
 
 
 @head_whole_to_seq.register_fake
-def _(x, seq_dim, head_dim, num_heads, local_len, group, world_size):
+def _(x, seq_dim, head_dim, num_heads, local_len, group, world_size, repeats=1):
     return _sequence_major_empty(x, num_heads, local_len, seq_dim, head_dim)
 
 
 def _s2hw_setup(ctx, inputs, output):
-    x, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size = inputs
+    x, ctx.seq_dim, ctx.head_dim, _, ctx.group, ctx.world_size, ctx.repeats = inputs  # defaults filled in
     ctx.num_heads, ctx.local_len = x.shape[ctx.head_dim], x.shape[ctx.seq_dim]
 
 
 def _s2hw_backward(ctx, grad):
     return (head_whole_to_seq(grad, ctx.seq_dim, ctx.head_dim, ctx.num_heads, ctx.local_len, ctx.group,
-                              ctx.world_size),) + (None,) * 5
+                              ctx.world_size, ctx.repeats),) + (None,) * 6
 
 
 def _hw2s_setup(ctx, inputs, output):
-    x, ctx.seq_dim, ctx.head_dim, _, _, ctx.group, ctx.world_size = inputs
+    x, ctx.seq_dim, ctx.head_dim, _, _, ctx.group, ctx.world_size, ctx.repeats = inputs  # defaults filled in
     ctx.length = x.shape[ctx.seq_dim]
 
 
 def _hw2s_backward(ctx, grad):
-    return (seq_to_head_whole(grad, ctx.seq_dim, ctx.head_dim, ctx.length, ctx.group, ctx.world_size),) + (None,) * 6
+    return (seq_to_head_whole(grad, ctx.seq_dim, ctx.head_dim, ctx.length, ctx.group, ctx.world_size,
+                              ctx.repeats),) + (None,) * 7
 
 
 seq_to_head_whole.register_autograd(_s2hw_backward, setup_context=_s2hw_setup)

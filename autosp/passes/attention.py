@@ -60,7 +60,7 @@ def attention(ctx) -> None:
             continue
         _rewrite(ctx, node)
     for node in reversed(list(g.nodes)):  # [S, S] mask values and kv repeats no attention reads any more
-        if node.meta.get(_REPEAT) and not node.users:
+        if node.meta.get(REPEAT) and not node.users:
             g.erase_node(node)
         elif node in ctx.mask_region and not node.users:
             g.erase_node(node)
@@ -97,7 +97,7 @@ def _rewrite(ctx, node) -> None:
     seq_dim, head_dim = nd - 2, nd - 3
     q_heads, kv_heads = int(example_value(q).shape[head_dim]), int(example_value(k).shape[head_dim])
     gqa = bool(call_arg(node, 7, "enable_gqa", False))
-    peeled = [_unrepeated(t, head_dim) for t in (k, v)]
+    peeled = [unrepeated(t, head_dim) for t in (k, v)]
     if not gqa and peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]:
         (k, rep), (v, _) = peeled  # move the distinct kv heads; attention groups the query heads
         kv_heads, gqa = kv_heads // rep, True
@@ -223,11 +223,11 @@ def _cpu_flash(node) -> bool:
     return flash_attention.runs(*qkv)
 
 
-_REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
+REPEAT = "autosp_kv_repeat"  # nodes of a peeled kv repeat: erased once nothing reads them
 _VIEWS = ("reshape", "view", "flatten")
 
 
-def _unrepeated(node, head_dim: int):
+def unrepeated(node, head_dim: int):
     """``(source, n)`` when ``node`` is ``source`` with each head repeated ``n`` times in a row
     (HF's ``repeat_kv``: ``x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)``, or
     ``repeat_interleave(x, n, dim=1)``), else None. Moving ``source`` and letting attention
@@ -239,7 +239,7 @@ def _unrepeated(node, head_dim: int):
         src, n = node.args[0], call_arg(node, 1, "repeats")
         dim = call_arg(node, 2, "dim")
         if isinstance(src, fx.Node) and isinstance(n, int) and dim is not None and dim % out.dim() == head_dim:
-            node.meta[_REPEAT] = True
+            node.meta[REPEAT] = True
             return src, n
         return None
     if node.target not in _VIEWS or not isinstance(node.args[0], fx.Node):
@@ -262,7 +262,7 @@ def _unrepeated(node, head_dim: int):
             and out.shape[head_dim] == src_shape[head_dim] * n):
         return None
     for part in (node, expand, inserted):
-        part.meta[_REPEAT] = True
+        part.meta[REPEAT] = True
     return src, n
 
 

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from autosp.collectives import kv_repeats
 from autosp.passes import ops
+from autosp.passes.attention import REPEAT, unrepeated
 from autosp.passes.layout import (FULL, HEADS, LAYOUT, REPLICATED_LAYOUT, RULE, SHARDED, VALUE_OF, SeqLayout,
                                   example_value, layout_of, refuse, seq_dims, stands_for)
 
@@ -216,12 +218,23 @@ def written_attention(ctx) -> None:
 def _rewrite(ctx, output) -> None:
     region, g = output.meta[REGION], ctx.graph
     scores, nd, split = region.scores, region.ndim, region.split_dim
+    kt, v = scores.args[1], output.args[1]
+    peeled = _peeled_kv(ctx, region)
     with g.inserting_before(scores):
-        q, kt = (_heads_of(ctx, t, nd + d, split) for t, d in zip(scores.args[:2], (-2, -1)))
-    scores.args = (q, kt, *scores.args[2:])
+        q = _heads_of(ctx, scores.args[0], nd - 2, split)
+        if peeled:
+            keys = _heads_of(ctx, peeled[0], nd - 2, split, peeled[2], peeled[3])
+            kt_heads = g.call_method("transpose", (keys, nd - 2, nd - 1))
+        else:
+            kt_heads = _heads_of(ctx, kt, nd - 1, split)
+    scores.args = (q, kt_heads, *scores.args[2:])
     with g.inserting_before(output):
-        v = _heads_of(ctx, output.args[1], nd - 2, split)
-    output.args = (output.args[0], v, *output.args[2:])
+        v_heads = _heads_of(ctx, peeled[1], nd - 2, split, peeled[2], peeled[3]) if peeled else \
+            _heads_of(ctx, v, nd - 2, split)
+    output.args = (output.args[0], v_heads, *output.args[2:])
+    for node in (kt, v, *[n for n in reversed(g.nodes) if n.meta.get(REPEAT)]):
+        if not node.users:  # the model's repeat of the kv heads, now after the all-to-all
+            g.erase_node(node)
     chunks = {}
     for node in region.body:
         node.meta.pop(VALUE_OF, None)  # this rank's heads: no single-device value to compare with
@@ -244,9 +257,36 @@ def _rewrite(ctx, output) -> None:
     ctx.counters["all_to_all"] += 4
 
 
-def _heads_of(ctx, x, seq_dim: int, split: int) -> fx.Node:
+def _peeled_kv(ctx, region):
+    """(k, v, repeats sent, repeats after) where the model repeated each kv head n times before
+    attention (HF's ``repeat_kv``) and k^T is the plain transpose of that: the all-to-all moves the
+    distinct kv heads (each ``repeats sent`` times where there are fewer than ranks, as
+    ``autosp.collectives.kv_repeats`` says) and this rank repeats its own ``repeats after`` times,
+    which the model's grouping of query heads allows. None: move what the model gives."""
+    kt, v, nd = region.scores.args[1], region.output.args[1], region.ndim
+    transposed = kt.op in ("call_method", "call_function") and kt.target in ("transpose", torch.transpose) \
+        and len(kt.args) == 3 and {d % nd for d in kt.args[1:] if isinstance(d, int)} == {nd - 2, nd - 1}
+    if not transposed or len(kt.users) != 1:
+        return None
+    peeled = [unrepeated(t, region.split_dim) for t in (kt.args[0], v)]
+    if not (peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]) or \
+            any(len(t.users) != 1 for t in (kt.args[0], v)):
+        return None
+    (k_source, n), (v_source, _) = peeled
+    sent, grouped = kv_repeats(region.heads, region.heads // n, ctx.world_size, True)
+    if not grouped:
+        return None
+    ctx.counters["kv_repeat_moved_after"] += 1
+    return k_source, v_source, sent, n // sent
+
+
+def _heads_of(ctx, x, seq_dim: int, split: int, sent: int = 1, after: int = 1) -> fx.Node:
     """``x`` (a chunk of the sequence on ``seq_dim``) as this rank's heads over the whole
-    sequence, without the padding positions."""
-    heads = ctx.graph.call_function(S2H, (x, seq_dim, split, ctx.seq.node, ctx.group, ctx.world_size))
+    sequence, without the padding positions; each head sent ``sent`` times, then repeated ``after``
+    times in a row here."""
+    g = ctx.graph
+    heads = g.call_function(S2H, (x, seq_dim, split, ctx.seq.node, ctx.group, ctx.world_size, sent))
     heads.meta["stack_trace"] = x.meta.get("stack_trace")
+    if after > 1:
+        heads = g.call_function(torch.repeat_interleave, (heads, after), {"dim": split})
     return heads

@@ -1,4 +1,4 @@
-"""The accounting probe: on the reference, every SDPA call (for the Ulysses minimum) and the loss
+"""The accounting probe: on the reference, every attention (for the Ulysses minimum) and the loss
 size; on the ranks, autosp's collective counts; on both, the saved tensors."""
 from __future__ import annotations
 
@@ -12,15 +12,29 @@ from autosp_verify.probes import Probe, register
 NAME = "accounting"
 
 
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+
 class _SDPARecorder(TorchFunctionMode):
-    def __init__(self, calls: list):
+    """Every attention: SDPA's calls, and attention written out (``q @ k^T`` over the sequence on
+    both sides, then ``@ v``), recorded as the SDPA call it stands for."""
+
+    def __init__(self, calls: list, seq_len: int):
         super().__init__()
-        self.calls = calls
+        self.calls, self.seq_len, self.scores = calls, seq_len, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.calls.append(_sdpa_call(*args[:3], bool(kwargs.get("enable_gqa", False))))
+        elif func in _MATMULS and len(args) == 2 and all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in args):
+            a, b, S = *args, self.seq_len
+            if a.shape[-2] == S and b.shape[-1] == S:
+                self.scores = (a, b)
+            elif self.scores is not None and a.shape[-2:] == (S, S) and b.shape[-2] == S:
+                q, kt = self.scores
+                self.calls.append(_sdpa_call(q, kt.transpose(-2, -1), b, False))
+                self.scores = None
         return func(*args, **kwargs)
 
 
@@ -57,7 +71,7 @@ class Accounting(Probe):
     def wrap_reference(self, run):
         def recorded(*args, **kwargs):
             self._inputs(args, kwargs)
-            with _SDPARecorder(self.sdpa):
+            with _SDPARecorder(self.sdpa, self.spec.seq_len):
                 return run(*args, **kwargs)
         return recorded
 
