@@ -45,7 +45,7 @@ class Region:
     ndim: int
     body: set = field(default_factory=set)  # the scores and every node reading them, up to the output
     output: fx.Node | None = None  # probs @ v
-    leak: fx.Node | None = None  # a node past the body reading it (or a second output)
+    leak: tuple | None = None  # (body node, a reader past the body: the graph's output, a second matmul)
 
     @property
     def split_dim(self) -> int:
@@ -83,13 +83,14 @@ def find(graph: fx.Graph, symbol) -> int:
         region = Region(node, example_value(node).dim(), {node})
         todo = [node]
         while todo:
-            for user in todo.pop().users:
+            current = todo.pop()
+            for user in current.users:
                 if user in region.body or user is region.output:
                     continue
                 if region.output is None and _is_output(user, region, symbol):
                     region.output = user
                 elif user.op == "output" or user.target in ops.MATMUL:
-                    region.leak = region.leak or user
+                    region.leak = region.leak or (current, user)
                 else:
                     region.body.add(user)
                     todo.append(user)
@@ -133,8 +134,10 @@ def visit(an, node, sharded) -> SeqLayout:
     if node is region.output:
         _check_operand(an, node, node.args[1], -2, region)
         if region.leak is not None:
-            raise refuse(region.leak, "it reads the attention weights (a [S, S] value per head) outside the "
-                                      "attention: return none (output_attentions=False)")
+            read, reader = region.leak
+            where = "the model's outputs" if reader.op == "output" else f"{reader.name}"
+            raise refuse(read, f"attention written out: {where} read this value (attention weights, a [S, S] value "
+                               f"per head) besides the attention's output: return none (output_attentions=False)")
         node.meta[RULE] = "written_attention"
         return SeqLayout(SHARDED, region.ndim - 2, 1, an.S)
     if region.output is None:
@@ -155,9 +158,10 @@ def _check_operand(an, node, operand, seq_dim: int, region) -> None:
             or lay.length - an.S != 0:
         raise refuse(node, f"{operand.name}, an input of attention written out, is not this rank's chunk of the "
                            f"whole sequence on dim {seq_dim}")
-    if value.dim() != region.ndim or value.shape[region.split_dim] != region.heads:
-        raise refuse(node, f"{operand.name} {tuple(value.shape)} has not the scores' {region.heads} heads on dim "
-                           f"{region.split_dim} (heads broadcast by the matmul): repeat them before it")
+    heads = value.shape[region.split_dim] if value.dim() == region.ndim else None
+    if heads != region.heads and (heads != 1 or operand is node.args[0]):
+        raise refuse(node, f"{operand.name} {tuple(value.shape)} has neither the scores' {region.heads} heads nor one "
+                           f"on dim {region.split_dim}")
 
 
 def _check_body_op(node, region) -> None:
@@ -226,15 +230,14 @@ def _rewrite(ctx, output) -> None:
             keys = _heads_of(ctx, peeled[0], nd - 2, split, peeled[2], peeled[3])
             kt_heads = g.call_method("transpose", (keys, nd - 2, nd - 1))
         else:
-            kt_heads = _heads_of(ctx, kt, nd - 1, split)
+            kt_heads = _heads_of(ctx, kt, nd - 1, split, _broadcast(ctx, region, kt))
     scores.args = (q, kt_heads, *scores.args[2:])
     with g.inserting_before(output):
         v_heads = _heads_of(ctx, peeled[1], nd - 2, split, peeled[2], peeled[3]) if peeled else \
-            _heads_of(ctx, v, nd - 2, split)
+            _heads_of(ctx, v, nd - 2, split, _broadcast(ctx, region, v))
     output.args = (output.args[0], v_heads, *output.args[2:])
-    for node in (kt, v, *[n for n in reversed(g.nodes) if n.meta.get(REPEAT)]):
-        if not node.users:  # the model's repeat of the kv heads, now after the all-to-all
-            g.erase_node(node)
+    if peeled:
+        _erase_unread(g, kt), _erase_unread(g, v)
     chunks = {}
     for node in region.body:
         node.meta.pop(VALUE_OF, None)  # this rank's heads: no single-device value to compare with
@@ -278,6 +281,25 @@ def _peeled_kv(ctx, region):
         return None
     ctx.counters["kv_repeat_moved_after"] += 1
     return k_source, v_source, sent, n // sent
+
+
+def _broadcast(ctx, region, operand) -> int:
+    """How often to send each head of k^T or v: one key/value head the matmul broadcasts over the
+    query heads (multi-query: Falcon) goes to every rank, as ``kv_repeats`` says."""
+    if example_value(operand).shape[region.split_dim] == region.heads:
+        return 1
+    ctx.counters["kv_broadcast"] += 1
+    return kv_repeats(region.heads, 1, ctx.world_size, True)[0]
+
+
+def _erase_unread(g, node) -> None:
+    """The model's repeat of the kv heads (and k^T of it), read by nothing once moved after."""
+    if node.users:
+        return
+    inputs = [i for i in node.all_input_nodes if i.meta.get(REPEAT)]
+    g.erase_node(node)
+    for i in inputs:
+        _erase_unread(g, i)
 
 
 def _heads_of(ctx, x, seq_dim: int, split: int, sent: int = 1, after: int = 1) -> fx.Node:

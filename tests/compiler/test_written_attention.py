@@ -1,0 +1,65 @@
+"""Attention written out (``softmax(q @ k^T) @ v``: HF's eager kernels, nanoGPT): the model's own
+ops on each rank's heads over the whole sequence (autosp/passes/written_attention.py). Exact
+against one device; what cannot be split by heads refused with its line; a rank given the wrong
+heads of a per-head value caught by the verifier."""
+import pytest
+import torch
+import transformers
+
+import autosp
+from autosp.passes import written_attention
+from autosp_verify import verify
+
+from .test_default_configs import TINY, causal_inputs
+from .written_attention_models import (Alibi, Attention, ChunkBias, GroupedSoftcapSinks, MixesHeads, ReturnsWeights,
+                                       WrittenLM, inputs_fn)
+
+
+def _verify(attention, world_size=2, impl="autosp-eager"):
+    return verify(lambda: WrittenLM(attention), inputs_fn, impl=impl, dtype=torch.float64, world_size=world_size,
+                  seq_len=13)
+
+
+@pytest.mark.parametrize("attention, world_size", [(Attention, 2), (GroupedSoftcapSinks, 4), (Alibi, 2)])
+def test_attention_written_out_is_exact(attention, world_size):
+    before = dict(autosp.COUNTERS)
+    result = _verify(attention, world_size)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    grew = {k for k in autosp.COUNTERS if autosp.COUNTERS[k] > before.get(k, 0)}
+    assert "written_attention" in grew
+    if attention is GroupedSoftcapSinks:  # 2 kv heads over 4 ranks: sent twice each, repeated after
+        assert {"head_chunk", "kv_repeat_moved_after"} <= grew
+
+
+def test_hf_eager_attention_through_aot_autograd_at_the_minimum_bytes():
+    """HF's ``eager_attention_forward`` (Llama, 4 query / 2 kv heads) compiled as loaded: exact,
+    and the model's repeat of the kv heads moved after the all-to-all (the Ulysses minimum)."""
+    config = transformers.LlamaConfig(**{**TINY, "attn_implementation": "eager"}, num_key_value_heads=2)
+    result = verify(lambda: transformers.LlamaForCausalLM(config).float().train(), causal_inputs, impl="autosp",
+                    dtype=torch.float64, world_size=2, seq_len=13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    collectives = result.accounting["collectives"]
+    assert collectives["at_minimum"], collectives
+
+
+@pytest.mark.parametrize("attention, why", [
+    (ReturnsWeights, "the model's outputs read this value"),
+    (MixesHeads, "einsum"),
+    (ChunkBias, "a chunk of the sequence"),
+])
+def test_what_cannot_be_split_by_heads_is_refused_with_its_line(attention, why):
+    result = _verify(attention)
+    assert result.status == "unsupported", (result.status, result.error)
+    assert why in result.error and "written_attention_models.py" in result.error, result.error
+
+
+def test_negative_control_every_rank_given_the_first_heads_of_a_per_head_value_fails(monkeypatch):
+    """GPT-OSS-style sinks cut to rank 0's heads on every rank: the verifier fails it."""
+    def first_heads(x, head_dim, group, world_size):
+        return x.narrow(head_dim, 0, -(-x.shape[head_dim] // world_size))
+    monkeypatch.setattr(written_attention, "HEAD_CHUNK", first_heads)
+    torch._dynamo.reset()
+    try:
+        assert _verify(GroupedSoftcapSinks).status == "fail"
+    finally:
+        torch._dynamo.reset()
