@@ -78,15 +78,17 @@ def _is_square_mask(name: str, t) -> bool:
         and t.shape[-1] == t.shape[-2]
 
 
-def check_sdpa(named_modules, who: str) -> None:
-    """HF models name their attention kernel in their configs; AutoSP shards
-    ``scaled_dot_product_attention`` only, and a flex, flash or eager kernel otherwise ends in an
-    error that never names it. ``named_modules``: (name, module) pairs to look at."""
+def check_sdpa(named_modules, who: str, takes=("sdpa",)) -> None:
+    """HF models name their attention kernel in their configs; ``who`` takes the kernels in
+    ``takes`` only (the passes: SDPA and HF's eager kernel, attention written out), and a flex or
+    flash kernel otherwise ends in an error that never names it. ``named_modules``: (name,
+    module) pairs to look at."""
     for name, module in named_modules:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        if impl not in (None, "sdpa", "eager"):
+        if impl is not None and impl not in takes:
             where = f"{name} ({type(module).__name__})" if name else type(module).__name__
-            raise AutoSPError(f"{where} uses attn_implementation={impl!r}: {who} needs 'sdpa' (torch's "
+            names = " or ".join(repr(t) for t in takes)
+            raise AutoSPError(f"{where} uses attn_implementation={impl!r}: {who} needs {names} (torch's "
                               "scaled_dot_product_attention); load the model with attn_implementation='sdpa' "
                               "(on the config, and on its text/vision sub-configs)")
 
@@ -108,7 +110,8 @@ class CompiledSP:
 
     def __init__(self, model, config: SPConfig, compile_kwargs):
         module = getattr(model, "__self__", model)  # a bound forward (the DeepSpeed path): its module
-        check_sdpa(module.named_modules() if isinstance(module, torch.nn.Module) else (), "AutoSP's passes")
+        check_sdpa(module.named_modules() if isinstance(module, torch.nn.Module) else (), "AutoSP's passes",
+                   takes=("sdpa", "eager"))
         self.model, self.config = model, config
         compile_kwargs.setdefault("fullgraph", True)
         self._compile_kwargs = compile_kwargs

@@ -15,8 +15,9 @@ from autosp.passes import ops
 from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, call_arg, example_value,
                                   layout_of, linear_coeffs, refuse, seq_dims, size_expr)
 
-SEVERAL_DIMS = ("it has the sequence on several dims (like a [S, S] mask or attention scores); "
-                "only scaled_dot_product_attention may take such a value: use attn_implementation='sdpa'")
+SEVERAL_DIMS = ("it has the sequence on several dims (like a [S, S] mask or attention scores); only "
+                "attention may take such a value: scaled_dot_product_attention, or softmax(q @ k^T ...) @ v "
+                "written out over [..., heads, S, head_dim] tensors")
 
 
 def apply(an, node, sharded) -> SeqLayout:
@@ -113,7 +114,8 @@ def _not_positional(an, node, src, d, out_dim, out_ndim) -> str | None:
             return None
         if src is b and nd >= 2 and d != nd - 2 and (d < nd - 2 or not an.dims(a)):
             return None
-        return "the sequence is contracted, or both sides carry it (attention written as matmul)"
+        return ("the sequence is contracted, or both sides carry it (attention written out is taken as "
+                "softmax(q @ k^T ...) @ v over [..., heads, S, head_dim] tensors)")
     if target in ops.ADDMM:
         bias, a, b = (tuple(node.args) + (None,) * 3)[:3]  # (self, mat1, mat2) as a method too
         rows = nd == 2 and d == 0 and isinstance(b, fx.Node) and not an.dims(b)

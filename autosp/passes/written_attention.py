@@ -46,6 +46,7 @@ class Region:
     body: set = field(default_factory=set)  # the scores and every node reading them, up to the output
     output: fx.Node | None = None  # probs @ v
     leak: tuple | None = None  # (body node, a reader past the body: the graph's output, a second matmul)
+    clash: fx.Node | None = None  # a node of another region reading this one's values
 
     @property
     def split_dim(self) -> int:
@@ -86,6 +87,9 @@ def find(graph: fx.Graph, symbol) -> int:
             current = todo.pop()
             for user in current.users:
                 if user in region.body or user is region.output:
+                    continue
+                if REGION in user.meta:  # another attention's scores meet these (differential attention)
+                    region.clash = region.clash or user
                     continue
                 if region.output is None and _is_output(user, region, symbol):
                     region.output = user
@@ -140,6 +144,9 @@ def visit(an, node, sharded) -> SeqLayout:
                                f"per head) besides the attention's output: return none (output_attentions=False)")
         node.meta[RULE] = "written_attention"
         return SeqLayout(SHARDED, region.ndim - 2, 1, an.S)
+    if region.clash is not None:
+        raise refuse(region.clash, "two attention weights of attention written out meet here (differential "
+                                   "attention): not supported")
     if region.output is None:
         raise refuse(region.scores, "attention written out (q @ k^T) whose scores never meet the values "
                                     "(no matmul with v): only softmax(q k^T) v-shaped attention is supported")

@@ -11,8 +11,8 @@ from autosp.passes import written_attention
 from autosp_verify import verify
 
 from .test_default_configs import TINY, causal_inputs
-from .written_attention_models import (Alibi, Attention, ChunkBias, GroupedSoftcapSinks, MixesHeads, ReturnsWeights,
-                                       WrittenLM, inputs_fn)
+from .written_attention_models import (Alibi, Attention, ChunkBias, Differential, GroupedSoftcapSinks, MixesHeads,
+                                       ReturnsWeights, WrittenLM, inputs_fn)
 
 
 def _verify(attention, world_size=2, impl="autosp-eager"):
@@ -46,6 +46,7 @@ def test_hf_eager_attention_through_aot_autograd_at_the_minimum_bytes():
     (ReturnsWeights, "the model's outputs read this value"),
     (MixesHeads, "einsum"),
     (ChunkBias, "a chunk of the sequence"),
+    (Differential, "two attention weights"),
 ])
 def test_what_cannot_be_split_by_heads_is_refused_with_its_line(attention, why):
     result = _verify(attention)

@@ -112,6 +112,14 @@ class ChunkBias(Attention):
         return F.softmax(att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")), dim=-1)
 
 
+class Differential(Attention):
+    """Two attention weights subtracted (differential attention): refused."""
+
+    def weights(self, q, k, T):
+        first = F.softmax(super().weights(q, k, T), dim=-1)
+        return first - 0.5 * super().weights(q * 2, k, T)
+
+
 class Block(nn.Module):
     def __init__(self, attention):
         super().__init__()
