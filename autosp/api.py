@@ -72,6 +72,10 @@ def _loss_of(out):
     return getattr(out, "loss", out if isinstance(out, torch.Tensor) else None)
 
 
+def _marked(t, seq_dim: int) -> bool:
+    return seq_dim in getattr(t, "_dynamo_weak_dynamic_indices", ())
+
+
 def _is_square_mask(name: str, t) -> bool:
     """A 3-D or 4-D attention mask ([B, S, S], [B, 1, S, S]) the caller built whole."""
     return name == "attention_mask" and isinstance(t, torch.Tensor) and t.dim() >= 3 \
@@ -132,11 +136,20 @@ class CompiledSP:
             args[first] = _mark(args[first], seq_dim)
         kwargs = {k: self._mark_input(k, v) if k in names and isinstance(v, torch.Tensor) else v
                   for k, v in kwargs.items()}
-        lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()]
-                   if seq_dim in getattr(t, "_dynamo_weak_dynamic_indices", ())}
+        if first is None and not names & kwargs.keys():  # called by keyword, with names of its own
+            key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > seq_dim), None)
+            if key is not None:
+                kwargs[key] = _mark(kwargs[key], seq_dim)
+        lengths = {t.shape[seq_dim] for t in [*args, *kwargs.values()] if _marked(t, seq_dim)}
         lengths |= {t.shape[-1] for k, t in kwargs.items() if k in names and _is_square_mask(k, t)}
         if len(lengths) > 1:
             raise AutoSPError(f"sequence inputs disagree on the length along dim {seq_dim}: {sorted(lengths)}")
+        if lengths:  # other inputs of that length carry the sequence too (nanoGPT's targets, by any name)
+            length = next(iter(lengths))
+            same = lambda t: isinstance(t, torch.Tensor) and t.dim() > seq_dim and t.shape[seq_dim] == length \
+                and not _marked(t, seq_dim)  # noqa: E731
+            args = [_mark(a, seq_dim) if same(a) else a for a in args]
+            kwargs = {k: _mark(v, seq_dim) if k not in names and same(v) else v for k, v in kwargs.items()}
         return args, kwargs, lengths.pop() if lengths else None
 
     def _mark_input(self, name, t):

@@ -29,7 +29,9 @@ class SPConfig:
         reaches the loss or real tokens' attention); "error" refuses such a length instead.
     backend: the torch.compile backend run after the passes ("inductor", "aot_eager", a callable).
     debug: print the graph diff and counters around each pass.
-    sequence_inputs: keyword inputs marked as carrying the sequence (first positional tensor too).
+    sequence_inputs: keyword inputs marked as carrying the sequence (first positional tensor too;
+        called by keyword with none of these names, the first keyword tensor); every other input
+        of the same length along ``seq_dim`` is marked too (labels by another name: ``targets``).
     passes: the pass pipeline (names from autosp.passes.registry), for debugging.
     checkpointing: None (default: torch's partitioner decides what the backward keeps) or
         "selective": sequence-aware selective activation checkpointing (autosp/checkpointing.py):

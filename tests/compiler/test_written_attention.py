@@ -64,3 +64,28 @@ def test_negative_control_every_rank_given_the_first_heads_of_a_per_head_value_f
         assert _verify(GroupedSoftcapSinks).status == "fail"
     finally:
         torch._dynamo.reset()
+
+
+class NanoGPT(torch.nn.Module):
+    """nanoGPT's signature: ``forward(idx, targets)``, names autosp does not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = WrittenLM(Attention)
+
+    def forward(self, idx, targets):
+        return self.lm(idx, targets)
+
+
+def nanogpt_inputs(batch, seq_len, generator):
+    ids = inputs_fn(batch, seq_len, generator)["input_ids"]
+    return {"idx": ids, "targets": ids.clone()}
+
+
+def test_inputs_by_names_of_its_own_carry_the_sequence_by_position_or_keyword():
+    """The first tensor input is the sequence, and every other of its length (the targets) too."""
+    result = verify(NanoGPT, nanogpt_inputs, impl="autosp-eager", dtype=torch.float64, world_size=2, seq_len=13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    batch = nanogpt_inputs(2, 13, torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    autosp.compile(NanoGPT().double(), backend="eager").warm_up(2, batch["idx"], batch["targets"])
