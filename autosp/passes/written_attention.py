@@ -42,46 +42,102 @@ HEAD_CHUNK = torch.ops.autosp.head_chunk.default
 @dataclass(eq=False)
 class Region:
     scores: fx.Node  # q @ k^T
-    ndim: int
+    split_dim: int  # the scores' dim split over the ranks (the heads)
+    dims: dict  # q, k^T (then v) -> (its sequence dim, its heads dim)
     body: set = field(default_factory=set)  # the scores and every node reading them, up to the output
     output: fx.Node | None = None  # probs @ v
+    output_dims: tuple = ()  # (sequence dim, heads dim) of the output
     leak: tuple | None = None  # (body node, a reader past the body: the graph's output, a second matmul)
     clash: fx.Node | None = None  # a node of another region reading this one's values
 
     @property
-    def split_dim(self) -> int:
-        return self.ndim - 3
+    def ndim(self) -> int:
+        return example_value(self.scores).dim()
 
     @property
     def heads(self) -> int:
         return int(example_value(self.scores).shape[self.split_dim])
 
 
-def _carries(value, symbol, dims) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() >= 3 and \
-        [d - value.dim() for d in seq_dims(value, symbol)] == dims
+def _seq_dim(value, symbol) -> int | None:
+    """The one dim of a tensor carrying the sequence (None: none or several)."""
+    dims = seq_dims(value, symbol) if isinstance(value, torch.Tensor) and value.dim() >= 3 else []
+    return dims[0] if len(dims) == 1 else None
 
 
-def _is_scores(node, symbol) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2 \
-        and _carries(example_value(node), symbol, [-2, -1]) \
-        and all(isinstance(a, fx.Node) for a in node.args[:2]) \
-        and _carries(example_value(node.args[0]), symbol, [-2]) and _carries(example_value(node.args[1]), symbol, [-1])
+def _einsum(node):
+    """(input labels per operand, output labels, operands) of a two-operand einsum, else None."""
+    if node.op != "call_function" or node.target is not torch.einsum or not node.args \
+            or not isinstance(node.args[0], str) or "." in node.args[0] or "->" not in node.args[0]:
+        return None
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    inputs, out = node.args[0].replace(" ", "").split("->")
+    inputs = inputs.split(",")
+    if len(inputs) != 2 or len(operands) != 2 or not all(isinstance(o, fx.Node) for o in operands):
+        return None
+    return inputs, out, list(operands)
 
 
-def _is_output(node, region, symbol) -> bool:
-    return node.target in ops.MATMUL and len(node.args) >= 2 and node.args[0] in region.body \
-        and isinstance(node.args[1], fx.Node) and node.args[1] not in region.body \
-        and _carries(example_value(node), symbol, [-2]) and _carries(example_value(node.args[1]), symbol, [-2])
+def _scores_dims(node, symbol):
+    """(split dim, {q: (seq dim, heads dim), k^T: (...)}) when ``node`` is q @ k^T over the
+    sequence on both sides (a matmul, or an einsum such as ``bhid,bhjd->bhij``), else None."""
+    value = example_value(node)
+    seq = seq_dims(value, symbol) if isinstance(value, torch.Tensor) else []
+    if node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2 \
+            and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        a, b, nd = node.args[0], node.args[1], value.dim() if isinstance(value, torch.Tensor) else 0
+        if nd >= 3 and seq == [nd - 2, nd - 1] and _seq_dim(example_value(a), symbol) == example_value(a).dim() - 2 \
+                and _seq_dim(example_value(b), symbol) == example_value(b).dim() - 1:
+            return nd - 3, {a: (example_value(a).dim() - 2, example_value(a).dim() - 3),
+                            b: (example_value(b).dim() - 1, example_value(b).dim() - 3)}
+        return None
+    einsum = _einsum(node)
+    if einsum is None or len(seq) != 2:
+        return None
+    (q_labels, k_labels), out, (q, k) = einsum
+    q_seq, k_seq = _seq_dim(example_value(q), symbol), _seq_dim(example_value(k), symbol)
+    if q is k or q_seq is None or k_seq is None or [out.find(q_labels[q_seq]), out.find(k_labels[k_seq])] != seq or seq[0] < 1:
+        return None
+    split = out[seq[0] - 1]  # the label before the queries: heads in bhqk
+    if split not in q_labels or split not in k_labels:
+        return None
+    return seq[0] - 1, {q: (q_seq, q_labels.index(split)), k: (k_seq, k_labels.index(split))}
+
+
+def _output_dims(node, region, symbol):
+    """((v's seq dim, heads dim), (the result's)) when ``node`` contracts the region's keys with v
+    (``probs @ v``, or an einsum such as ``bhij,bhjd->bhid``), else None."""
+    value = example_value(node)
+    if node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2:
+        probs, v = node.args[0], node.args[1]
+        if probs not in region.body or not isinstance(v, fx.Node) or v in region.body:
+            return None
+        nd_v, nd = example_value(v).dim() if isinstance(example_value(v), torch.Tensor) else 0, region.ndim
+        if _seq_dim(value, symbol) == nd - 2 and _seq_dim(example_value(v), symbol) == nd_v - 2 == nd - 2:
+            return v, (nd - 2, nd - 3), (nd - 2, nd - 3)
+        return None
+    einsum = _einsum(node)
+    if einsum is None:
+        return None
+    (p_labels, v_labels), out, (probs, v) = einsum
+    v_seq, out_seq = _seq_dim(example_value(v), symbol), _seq_dim(value, symbol)
+    if probs not in region.body or v in region.body or v_seq is None or out_seq is None \
+            or len(p_labels) != region.ndim:
+        return None
+    split, query, key = p_labels[region.split_dim], out[out_seq], v_labels[v_seq]
+    if key in out or key not in p_labels or query not in p_labels or split not in v_labels or split not in out:
+        return None
+    return v, (v_seq, v_labels.index(split)), (out_seq, out.index(split))
 
 
 def find(graph: fx.Graph, symbol) -> int:
     """Mark every region (see the module's docstring); returns how many."""
     regions = 0
     for node in graph.nodes:
-        if REGION in node.meta or not _is_scores(node, symbol):
+        found = None if REGION in node.meta else _scores_dims(node, symbol)
+        if found is None:
             continue
-        region = Region(node, example_value(node).dim(), {node})
+        region = Region(node, found[0], found[1], {node})
         todo = [node]
         while todo:
             current = todo.pop()
@@ -91,8 +147,9 @@ def find(graph: fx.Graph, symbol) -> int:
                 if REGION in user.meta:  # another attention's scores meet these (differential attention)
                     region.clash = region.clash or user
                     continue
-                if region.output is None and _is_output(user, region, symbol):
-                    region.output = user
+                out = _output_dims(user, region, symbol) if region.output is None else None
+                if out is not None and out[0] not in region.dims:  # (v is not q or k)
+                    region.output, region.dims[out[0]], region.output_dims = user, out[1], out[2]
                 elif user.op == "output" or user.target in ops.MATMUL:
                     region.leak = region.leak or (current, user)
                 else:
@@ -135,15 +192,16 @@ def side_layout(an, node, sharded):
 def visit(an, node, sharded) -> SeqLayout:
     """Layout of a node of a region (the scores, the body, the output), its checks made."""
     region = node.meta[REGION]
+    operands = list(region.dims)  # q, k^T, and v once the output is found
     if node is region.output:
-        _check_operand(an, node, node.args[1], -2, region)
+        _check_operand(an, node, operands[2], region)
         if region.leak is not None:
             read, reader = region.leak
             where = "the model's outputs" if reader.op == "output" else f"{reader.name}"
             raise refuse(read, f"attention written out: {where} read this value (attention weights, a [S, S] value "
                                f"per head) besides the attention's output: return none (output_attentions=False)")
         node.meta[RULE] = "written_attention"
-        return SeqLayout(SHARDED, region.ndim - 2, 1, an.S)
+        return SeqLayout(SHARDED, region.output_dims[0], 1, an.S)
     if region.clash is not None:
         raise refuse(region.clash, "two attention weights of attention written out meet here (differential "
                                    "attention): not supported")
@@ -151,24 +209,26 @@ def visit(an, node, sharded) -> SeqLayout:
         raise refuse(region.scores, "attention written out (q @ k^T) whose scores never meet the values "
                                     "(no matmul with v): only softmax(q k^T) v-shaped attention is supported")
     if node is region.scores:
-        _check_operand(an, node, node.args[0], -2, region)
-        _check_operand(an, node, node.args[1], -1, region)
+        _check_operand(an, node, operands[0], region, query=True)
+        _check_operand(an, node, operands[1], region)
     else:
         _check_body_op(node, region)
         _check_side_inputs(an, node, region)
     return SeqLayout(HEADS)
 
 
-def _check_operand(an, node, operand, seq_dim: int, region) -> None:
+def _check_operand(an, node, operand, region, query=False) -> None:
+    """q, k^T, v: this rank's chunk of the whole sequence, the scores' heads (k and v: or one
+    head the matmul broadcasts)."""
     lay, value = layout_of(operand), example_value(operand)
-    if lay.state != SHARDED or lay.dim != value.dim() + seq_dim or lay.inner != 1 or lay.length is None \
-            or lay.length - an.S != 0:
+    seq_dim, head_dim = region.dims[operand]
+    if lay.state != SHARDED or lay.dim != seq_dim or lay.inner != 1 or lay.length is None or lay.length - an.S != 0:
         raise refuse(node, f"{operand.name}, an input of attention written out, is not this rank's chunk of the "
                            f"whole sequence on dim {seq_dim}")
-    heads = value.shape[region.split_dim] if value.dim() == region.ndim else None
-    if heads != region.heads and (heads != 1 or operand is node.args[0]):
+    heads = value.shape[head_dim]
+    if heads != region.heads and (heads != 1 or query):
         raise refuse(node, f"{operand.name} {tuple(value.shape)} has neither the scores' {region.heads} heads nor one "
-                           f"on dim {region.split_dim}")
+                           f"on dim {head_dim}")
 
 
 def _check_body_op(node, region) -> None:
@@ -228,21 +288,19 @@ def written_attention(ctx) -> None:
 
 def _rewrite(ctx, output) -> None:
     region, g = output.meta[REGION], ctx.graph
-    scores, nd, split = region.scores, region.ndim, region.split_dim
-    kt, v = scores.args[1], output.args[1]
+    scores, (q, kt, v) = region.scores, region.dims
     peeled = _peeled_kv(ctx, region)
     with g.inserting_before(scores):
-        q = _heads_of(ctx, scores.args[0], nd - 2, split)
+        scores.replace_input_with(q, _heads_of(ctx, q, region))
         if peeled:
-            keys = _heads_of(ctx, peeled[0], nd - 2, split, peeled[2], peeled[3])
-            kt_heads = g.call_method("transpose", (keys, nd - 2, nd - 1))
+            keys = _heads_of(ctx, peeled[0], region, v, peeled[2], peeled[3])
+            scores.replace_input_with(kt, g.call_method("transpose", (keys, -2, -1)))
         else:
-            kt_heads = _heads_of(ctx, kt, nd - 1, split, _broadcast(ctx, region, kt))
-    scores.args = (q, kt_heads, *scores.args[2:])
+            scores.replace_input_with(kt, _heads_of(ctx, kt, region, sent=_broadcast(ctx, region, kt)))
     with g.inserting_before(output):
-        v_heads = _heads_of(ctx, peeled[1], nd - 2, split, peeled[2], peeled[3]) if peeled else \
-            _heads_of(ctx, v, nd - 2, split, _broadcast(ctx, region, v))
-    output.args = (output.args[0], v_heads, *output.args[2:])
+        v_heads = _heads_of(ctx, peeled[1], region, v, peeled[2], peeled[3]) if peeled else \
+            _heads_of(ctx, v, region, sent=_broadcast(ctx, region, v))
+    output.replace_input_with(v, v_heads)
     if peeled:
         _erase_unread(g, kt), _erase_unread(g, v)
     chunks = {}
@@ -256,10 +314,11 @@ def _rewrite(ctx, output) -> None:
             node.replace_input_with(src, chunks[src, dim])
     output.meta.pop(VALUE_OF, None)
     with g.inserting_after(output):
-        out = g.call_function(H2S, (output, nd - 2, split, region.heads, ctx.local_len(), ctx.group, ctx.world_size))
+        out = g.call_function(H2S, (output, *region.output_dims, region.heads, ctx.local_len(), ctx.group,
+                                    ctx.world_size))
     output.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
     stands_for(out, output)
-    ctx.set_layout(out, SeqLayout(SHARDED, nd - 2, 1, ctx.seq.symbol))
+    ctx.set_layout(out, SeqLayout(SHARDED, region.output_dims[0], 1, ctx.seq.symbol))
     for node in (*region.body, output):  # the region's marks hold nodes: not for the graph's copies
         for key in (REGION, CHUNK):
             node.meta.pop(key, None)
@@ -268,15 +327,15 @@ def _rewrite(ctx, output) -> None:
 
 
 def _peeled_kv(ctx, region):
-    """(k, v, repeats sent, repeats after) where the model repeated each kv head n times before
-    attention (HF's ``repeat_kv``) and k^T is the plain transpose of that: the all-to-all moves the
+    """(k, v, repeats sent, repeats after) where the model repeated each kv head n times before a
+    matmul (HF's ``repeat_kv``) and k^T is the plain transpose of that: the all-to-all moves the
     distinct kv heads (each ``repeats sent`` times where there are fewer than ranks, as
     ``autosp.collectives.kv_repeats`` says) and this rank repeats its own ``repeats after`` times,
     which the model's grouping of query heads allows. None: move what the model gives."""
-    kt, v, nd = region.scores.args[1], region.output.args[1], region.ndim
+    (q, kt, v), nd = region.dims, region.ndim
     transposed = kt.op in ("call_method", "call_function") and kt.target in ("transpose", torch.transpose) \
         and len(kt.args) == 3 and {d % nd for d in kt.args[1:] if isinstance(d, int)} == {nd - 2, nd - 1}
-    if not transposed or len(kt.users) != 1:
+    if _einsum(region.scores) is not None or not transposed or len(kt.users) != 1:
         return None
     peeled = [unrepeated(t, region.split_dim) for t in (kt.args[0], v)]
     if not (peeled[0] and peeled[1] and peeled[0][1] == peeled[1][1]) or \
@@ -293,7 +352,7 @@ def _peeled_kv(ctx, region):
 def _broadcast(ctx, region, operand) -> int:
     """How often to send each head of k^T or v: one key/value head the matmul broadcasts over the
     query heads (multi-query: Falcon) goes to every rank, as ``kv_repeats`` says."""
-    if example_value(operand).shape[region.split_dim] == region.heads:
+    if example_value(operand).shape[region.dims[operand][1]] == region.heads:
         return 1
     ctx.counters["kv_broadcast"] += 1
     return kv_repeats(region.heads, 1, ctx.world_size, True)[0]
@@ -309,13 +368,13 @@ def _erase_unread(g, node) -> None:
         _erase_unread(g, i)
 
 
-def _heads_of(ctx, x, seq_dim: int, split: int, sent: int = 1, after: int = 1) -> fx.Node:
-    """``x`` (a chunk of the sequence on ``seq_dim``) as this rank's heads over the whole
-    sequence, without the padding positions; each head sent ``sent`` times, then repeated ``after``
-    times in a row here."""
-    g = ctx.graph
-    heads = g.call_function(S2H, (x, seq_dim, split, ctx.seq.node, ctx.group, ctx.world_size, sent))
+def _heads_of(ctx, x, region, like=None, sent: int = 1, after: int = 1) -> fx.Node:
+    """``x`` (one of q, k^T, v, or ``like``'s layout: the kv heads before the model's repeat) as
+    this rank's heads over the whole sequence, without the padding positions; each head sent
+    ``sent`` times, then repeated ``after`` times in a row here."""
+    g, (seq_dim, head_dim) = ctx.graph, region.dims[like if like is not None else x]
+    heads = g.call_function(S2H, (x, seq_dim, head_dim, ctx.seq.node, ctx.group, ctx.world_size, sent))
     heads.meta["stack_trace"] = x.meta.get("stack_trace")
     if after > 1:
-        heads = g.call_function(torch.repeat_interleave, (heads, after), {"dim": split})
+        heads = g.call_function(torch.repeat_interleave, (heads, after), {"dim": head_dim})
     return heads

@@ -11,8 +11,8 @@ from autosp.passes import written_attention
 from autosp_verify import verify
 
 from .test_default_configs import TINY, causal_inputs
-from .written_attention_models import (Alibi, Attention, ChunkBias, Differential, GroupedSoftcapSinks, MixesHeads,
-                                       ReturnsWeights, WrittenLM, inputs_fn)
+from .written_attention_models import (Alibi, Attention, ChunkBias, Differential, Einsum, EinsumSequenceFirst,
+                                       GroupedSoftcapSinks, MixesHeads, ReturnsWeights, WrittenLM, inputs_fn)
 
 
 def _verify(attention, world_size=2, impl="autosp-eager"):
@@ -20,7 +20,8 @@ def _verify(attention, world_size=2, impl="autosp-eager"):
                   seq_len=13)
 
 
-@pytest.mark.parametrize("attention, world_size", [(Attention, 2), (GroupedSoftcapSinks, 4), (Alibi, 2)])
+@pytest.mark.parametrize("attention, world_size", [(Attention, 2), (GroupedSoftcapSinks, 4), (Alibi, 2), (Einsum, 4),
+                                                   (EinsumSequenceFirst, 2)])
 def test_attention_written_out_is_exact(attention, world_size):
     before = dict(autosp.COUNTERS)
     result = _verify(attention, world_size)

@@ -81,6 +81,30 @@ class Alibi(Attention):
         return F.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM) + bias[None], dim=-1)
 
 
+class Einsum(Attention):
+    """``einsum("bhid,bhjd->bhij")``, a causal mask made in forward, ``einsum("bhij,bhjd->bhid")``."""
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.heads(x)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) * HEAD_DIM ** -0.5
+        scores = scores + torch.triu(torch.full((T, T), float("-inf"), device=x.device), diagonal=1)
+        y = torch.einsum("bhij,bhjd->bhid", scores.softmax(dim=-1), v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EinsumSequenceFirst(Attention):
+    """q, k, v kept [B, S, H, D] (never transposed): ``einsum("bqhd,bkhd->bhqk")`` and back."""
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, HEADS, HEAD_DIM) for t in self.qkv(x).split(HIDDEN, dim=2))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(HEAD_DIM)
+        scores = scores.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", F.softmax(scores, dim=-1), v)
+        return self.proj(y.reshape(B, T, C))
+
+
 class ReturnsWeights(Attention):
     """The attention weights handed out (``output_attentions=True``): refused."""
 
