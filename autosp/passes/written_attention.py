@@ -1,5 +1,5 @@
-"""Attention written out (``softmax(q @ k.transpose(-2, -1) * scale + mask) @ v``: HF's eager
-attention, nanoGPT, most hand-written models): Ulysses around the whole of it.
+"""Attention written out (``softmax(q @ k.transpose(-2, -1) * scale + mask) @ v``, or the same as
+einsums: HF's eager attention, nanoGPT, most hand-written models): Ulysses around the whole of it.
 
 The *region* runs from a matmul whose result carries the sequence on its last two dims (queries x
 keys: the scores) through every op that reads the scores (scale, mask, softcap, softmax, dropout,
@@ -14,8 +14,9 @@ shapes before the layout walk; ``visit`` checks it during the walk; the pass rew
   (``autosp::head_chunk``: GPT-OSS's sinks, a per-head bias); a chunk of the sequence is refused;
 - the output gets its padding positions back and goes through ``head_to_seq``.
 
-The dim before the two sequence dims is the one split over the ranks (heads, or HF's merged
-batch x heads): the region may act along any dim but that one. The scores stay [S, S] per head,
+The scores' dim before their two sequence dims is the one split over the ranks (the heads; for an
+einsum, the label before the queries'), and each operand's sequence and heads dims are read from
+the matmul's convention or the einsum's labels: the region may act along any dim but that one. The scores stay [S, S] per head,
 as the model wrote them: 1/P of one device's, unlike SDPA's O(S) (docs/usage.md).
 """
 from __future__ import annotations

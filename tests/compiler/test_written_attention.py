@@ -43,6 +43,26 @@ def test_hf_eager_attention_through_aot_autograd_at_the_minimum_bytes():
     assert collectives["at_minimum"], collectives
 
 
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+NO_SDPA = {  # HF families whose only kernel here is eager: their configs' defaults, the sizes tiny
+    "Gemma2": (SIZES, torch.float64),  # a tanh softcap on the scores, sliding windows
+    "GptOss": ({**SIZES, "num_local_experts": 4, "num_experts_per_tok": 2}, torch.float32),  # sinks; MoE (grouped_mm)
+    "Mpt": (dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=128), torch.float64),  # ALiBi
+}
+
+
+@pytest.mark.parametrize("family", sorted(NO_SDPA))
+def test_hf_models_without_sdpa_are_exact_as_loaded(family):
+    sizes, dtype = NO_SDPA[family]
+    config = getattr(transformers, f"{family}Config")(**sizes)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    assert model_class(config).config._attn_implementation == "eager"  # what these models get
+    result = verify(lambda: model_class(config).train(), causal_inputs, impl="autosp-eager", dtype=dtype,
+                    world_size=4, seq_len=13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+
+
 @pytest.mark.parametrize("attention, why", [
     (ReturnsWeights, "the model's outputs read this value"),
     (MixesHeads, "einsum"),
