@@ -6,18 +6,19 @@ keys: the scores) through every op that reads the scores (scale, mask, softcap, 
 sinks), up to the matmul that contracts the keys with the values. ``find`` marks it from the
 shapes before the layout walk; ``visit`` checks it during the walk; the pass rewrites it:
 
-- q, k^T and v go through ``seq_to_head`` and lose their padding positions, so the model's own
+- q, k^T and v go through ``seq_to_head_whole`` (without the padding positions), so the model's own
   ops run unchanged on this rank's heads over the whole sequence, every size in them the model's
   own (S, not a chunk's);
 - a value the region reads beside the scores is used whole (an [S, S] mask built from the
   inputs, as on one device), or cut to this rank's heads where it has one entry per head
   (``autosp::head_chunk``: GPT-OSS's sinks, a per-head bias); a chunk of the sequence is refused;
-- the output gets its padding positions back and goes through ``head_to_seq``.
+- the output goes through ``head_whole_to_seq`` (its padding positions back).
 
 The scores' dim before their two sequence dims is the one split over the ranks (the heads; for an
 einsum, the label before the queries'), and each operand's sequence and heads dims are read from
-the matmul's convention or the einsum's labels: the region may act along any dim but that one. The scores stay [S, S] per head,
-as the model wrote them: 1/P of one device's, unlike SDPA's O(S) (docs/usage.md).
+the matmul's convention or the einsum's labels: the region may act along any dim but that one.
+The scores stay [S, S] per head, as the model wrote them: 1/P of one device's, unlike SDPA's O(S)
+(docs/usage.md).
 """
 from __future__ import annotations
 

@@ -17,11 +17,12 @@ _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 
 class _SDPARecorder(TorchFunctionMode):
     """Every attention: SDPA's calls, and attention written out (``q @ k^T`` over the sequence on
-    both sides, then ``@ v``), recorded as the SDPA call it stands for."""
+    both sides, then ``@ v``; or the same as einsums), recorded as the SDPA call it stands for."""
 
     def __init__(self, calls: list, seq_len: int):
         super().__init__()
-        self.calls, self.seq_len, self.scores = calls, seq_len, None
+        self.calls, self.seq_len = calls, seq_len
+        self.scores = None  # (q, k, heads label or None) in SDPA's layout, until the values come
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -30,12 +31,41 @@ class _SDPARecorder(TorchFunctionMode):
         elif func in _MATMULS and len(args) == 2 and all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in args):
             a, b, S = *args, self.seq_len
             if a.shape[-2] == S and b.shape[-1] == S:
-                self.scores = (a, b)
+                self.scores = (a, b.transpose(-2, -1), None)
             elif self.scores is not None and a.shape[-2:] == (S, S) and b.shape[-2] == S:
-                q, kt = self.scores
-                self.calls.append(_sdpa_call(q, kt.transpose(-2, -1), b, False))
-                self.scores = None
+                self._attended(b)
+        elif func is torch.einsum:
+            self._einsum(args)
         return func(*args, **kwargs)
+
+    def _attended(self, v):
+        q, k, _ = self.scores
+        self.calls.append(_sdpa_call(q, k, v, False))
+        self.scores = None
+
+    def _einsum(self, args):
+        """``bhid,bhjd->bhij`` then ``bhij,bhjd->bhid`` (any labels, any order of dims): q, k and v
+        laid out as SDPA takes them by their labels."""
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        equation = args[0].replace(" ", "") if isinstance(args[0], str) else ""
+        if "->" not in equation or "." in equation or len(operands) != 2 or equation.count(",") != 1:
+            return
+        inputs, out = equation.split("->")
+        labels = inputs.split(",")
+        seq = [[label for label, n in zip(names, t.shape) if n == self.seq_len] for names, t in zip(labels, operands)]
+        if self.scores is None and all(len(found) == 1 for found in seq) and out.find(seq[0][0]) > 0:
+            split = out[out.index(seq[0][0]) - 1]  # the heads: the label before the queries
+            if split in labels[0] and split in labels[1]:
+                q, k = (_as_sdpa(t, names, found[0], split) for t, names, found in zip(operands, labels, seq))
+                self.scores = (q, k, split)
+        elif self.scores is not None and self.scores[2] is not None and self.scores[2] in labels[1] \
+                and len(seq[1]) == 1:
+            self._attended(_as_sdpa(operands[1], labels[1], seq[1][0], self.scores[2]))
+
+
+def _as_sdpa(t, labels: str, seq: str, split: str):
+    """``t`` with its heads and sequence dims moved to -3 and -2 (the layout SDPA takes)."""
+    return t.movedim((labels.index(split), labels.index(seq)), (-3, -2))
 
 
 def _distinct_heads(k, v) -> int:

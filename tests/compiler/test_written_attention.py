@@ -26,6 +26,7 @@ def test_attention_written_out_is_exact(attention, world_size):
     before = dict(autosp.COUNTERS)
     result = _verify(attention, world_size)
     assert result.passed, (result.status, result.error, result.failures[:5])
+    assert result.accounting["collectives"]["at_minimum"], result.accounting["collectives"]  # Ulysses' bytes
     grew = {k for k in autosp.COUNTERS if autosp.COUNTERS[k] > before.get(k, 0)}
     assert "written_attention" in grew
     if attention is GroupedSoftcapSinks:  # 2 kv heads over 4 ranks: sent twice each, repeated after
