@@ -5,7 +5,8 @@ kv head that SDPA broadcasts (multi-query), ``is_causal`` or an explicit mask bu
 padding mask, positions passed or built from ``arange`` inside the model, RoPE, RMSNorm, SwiGLU,
 and the HF-5 shifted-label loss; or
 bidirectional attention (no mask, or padding only); and a KV cache the forward builds but never
-reads (``use_cache=True`` in a training forward).
+reads (``use_cache=True`` in a training forward); through SDPA, or written out (matmuls, a
+masked_fill or an additive causal mask, softmax), as HF's eager kernels.
 """
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class LMConfig:
     explicit_mask: bool = False  # True: a [B, 1, S, S] boolean mask instead of is_causal
     causal: bool = True  # False: bidirectional (an encoder): is_causal=False, or a mask of padding only
     cache: bool = False  # True: keys and values concatenated onto an empty cache, as HF's DynamicCache
+    written: bool = False  # True: attention written out (q @ k^T, mask, softmax, @ v), as HF's eager kernels
 
     @property
     def hidden(self):
@@ -60,12 +62,20 @@ class Block(nn.Module):
         if c.cache:  # DynamicCache.update on a fresh cache: torch.cat([empty, new], dim=-2)
             k, v = (torch.cat([t.new_empty(B, c.kv_heads, 0, c.head_dim), t], dim=-2) for t in (k, v))
         gqa = c.heads != c.kv_heads
-        if gqa and not c.gqa_in_sdpa and not (c.kv_heads == 1 and c.kv_broadcast):
+        if gqa and (c.written or not c.gqa_in_sdpa) and not (c.kv_heads == 1 and c.kv_broadcast):
             rep = c.heads // c.kv_heads
             k = k[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
             v = v[:, :, None].expand(B, c.kv_heads, rep, S, c.head_dim).reshape(B, c.heads, S, c.head_dim)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and c.causal,
-                                           enable_gqa=gqa and c.gqa_in_sdpa)
+        if c.written:  # one kv head with kv_broadcast: the matmul broadcasts it
+            scores = q @ k.transpose(-2, -1) / c.head_dim ** 0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            elif c.causal:
+                scores = scores + torch.full((S, S), float("-inf")).triu(1)
+            a = scores.softmax(dim=-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and c.causal,
+                                               enable_gqa=gqa and c.gqa_in_sdpa)
         x = x + self.o(a.transpose(1, 2).reshape(B, S, -1))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
