@@ -98,7 +98,8 @@ def _scores_dims(node, symbol):
         return None
     (q_labels, k_labels), out, (q, k) = einsum
     q_seq, k_seq = _seq_dim(example_value(q), symbol), _seq_dim(example_value(k), symbol)
-    if q is k or q_seq is None or k_seq is None or [out.find(q_labels[q_seq]), out.find(k_labels[k_seq])] != seq or seq[0] < 1:
+    if q is k or q_seq is None or k_seq is None or seq[0] < 1 \
+            or [out.find(q_labels[q_seq]), out.find(k_labels[k_seq])] != seq:
         return None
     split = out[seq[0] - 1]  # the label before the queries: heads in bhqk
     if split not in q_labels or split not in k_labels:

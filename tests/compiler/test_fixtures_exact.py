@@ -37,7 +37,8 @@ def _check(path, impl="autosp-eager", positions=False, dtype=torch.float64, simu
 
 
 SLOW = pytest.mark.slow  # `make test-all`; the default run keeps one representative of each kind
-# (P=4 runs by default in the float32 / position_ids test and through AOTAutograd below)
+# (P=4 runs by default in the float32 / position_ids test and through AOTAutograd below; there,
+# every fixture on threads, four through AOTAutograd)
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
@@ -55,7 +56,11 @@ def test_fixture_is_exact_with_position_ids_and_in_float32(path, world_size):
         _check(path, dtype=torch.float32, world_size=world_size, seq_len=seq_len)
 
 
-@pytest.mark.parametrize("path", FIXTURES, ids=IDS)
+AOT_DEFAULT = {"gpt_style", "hf_llama", "hf_olmo2_padded", "hf_qwen3_packed"}  # hand-written, GQA, padding, packed
+
+
+@pytest.mark.parametrize("path", [p if name in AOT_DEFAULT else pytest.param(p, marks=SLOW)
+                                  for p, name in zip(FIXTURES, IDS)], ids=IDS)
 def test_fixture_is_exact_through_aot_autograd(path):
     """The default impl: the rewritten graph through AOTAutograd (what Inductor receives)."""
     _check(path, impl="autosp", world_size=4, seq_len=11, steps=2)
