@@ -85,13 +85,14 @@ def _scores_dims(node, symbol):
     sequence on both sides (a matmul, or an einsum such as ``bhid,bhjd->bhij``), else None."""
     value = example_value(node)
     seq = seq_dims(value, symbol) if isinstance(value, torch.Tensor) else []
-    if node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2 \
-            and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        a, b, nd = node.args[0], node.args[1], value.dim() if isinstance(value, torch.Tensor) else 0
-        if nd >= 3 and seq == [nd - 2, nd - 1] and _seq_dim(example_value(a), symbol) == example_value(a).dim() - 2 \
-                and _seq_dim(example_value(b), symbol) == example_value(b).dim() - 1:
-            return nd - 3, {a: (example_value(a).dim() - 2, example_value(a).dim() - 3),
-                            b: (example_value(b).dim() - 1, example_value(b).dim() - 3)}
+    if node.op in ("call_function", "call_method") and node.target in ops.MATMUL and len(node.args) >= 2:
+        a, b = node.args[:2]
+        ranks = [example_value(t).dim() if isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor)
+                 else 0 for t in (a, b, node)]
+        if min(ranks) >= 3 and seq == [ranks[2] - 2, ranks[2] - 1] and a is not b \
+                and _seq_dim(example_value(a), symbol) == ranks[0] - 2 \
+                and _seq_dim(example_value(b), symbol) == ranks[1] - 1:
+            return ranks[2] - 3, {a: (ranks[0] - 2, ranks[0] - 3), b: (ranks[1] - 1, ranks[1] - 3)}
         return None
     einsum = _einsum(node)
     if einsum is None or len(seq) != 2:
