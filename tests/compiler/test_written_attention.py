@@ -111,3 +111,18 @@ def test_inputs_by_names_of_its_own_carry_the_sequence_by_position_or_keyword():
     batch = nanogpt_inputs(2, 13, torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     autosp.compile(NanoGPT().double(), backend="eager").warm_up(2, batch["idx"], batch["targets"])
+
+
+@pytest.mark.slow
+def test_hf_eager_attention_under_activation_checkpointing_is_exact():
+    """HF's activation checkpointing around layers whose attention is written out: each layer's
+    region recomputed in the backward, its all-to-alls included."""
+    config = transformers.LlamaConfig(**{**TINY, "attn_implementation": "eager"}, num_key_value_heads=2)
+
+    def model_fn():
+        model = transformers.LlamaForCausalLM(config).float().train()
+        model.gradient_checkpointing_enable()
+        return model
+    result = verify(model_fn, causal_inputs, impl="autosp", dtype=torch.float64, world_size=2, seq_len=13)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    assert result.accounting["collectives"]["measured"]["all_to_all"] > 16  # q, k, v sent again
