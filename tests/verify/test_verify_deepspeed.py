@@ -69,6 +69,7 @@ def test_deepspeed_structural_at_p16():
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # the threaded findings run by default; gloo's exactness: tests/compiler/test_runtime.py
 def test_deepspeed_eager_gloo_matches_threaded():
     gloo = verify_file(TINY, impl="deepspeed-eager", world_size=2, simulator="gloo")
     assert_deepspeed_findings(gloo)
