@@ -80,6 +80,7 @@ COMPILE_MODELS = {
     "hf_olmo2_padded": ("hf_olmo2_padded", {}),
     "hf_llama@4": ("hf_llama", {"num_hidden_layers": 4}),
     "hf_llama head_dim 64": ("hf_llama", {"hidden_size": 512, "intermediate_size": 1024, "head_dim": 64}),
+    "hf_llama eager": ("hf_llama", {"attn_implementation": "eager"}),  # attention written out (matmuls)
 }
 QUICK_COMPILE_MODELS = ("hf_llama", "hf_llama@4", "hf_llama head_dim 64")
 
