@@ -178,6 +178,10 @@ class Analysis:
                 length = self.S + coeffs[1] // (outer * inner)
         return SeqLayout(state, dim, inner, length)
 
+    def whole_layout(self, node) -> SeqLayout:
+        """A value every rank computes whole: FULL where it carries the sequence, else REPLICATED."""
+        return self.own_layout(node, FULL) if self.dims(node) else REPLICATED_LAYOUT
+
     def mapped_inner(self, node, out_dim) -> int | None:
         """``inner`` of a view's output from its input's layout (contiguous reshape semantics)."""
         if not ops.is_view(node) or not node.args:
@@ -203,7 +207,7 @@ class Analysis:
             if node.op in ("placeholder", "get_attr"):
                 if _is_parameter_source(node):
                     self.activation.add(node)
-                node.meta[LAYOUT] = self.own_layout(node, FULL) if self.dims(node) else REPLICATED_LAYOUT
+                node.meta[LAYOUT] = self.whole_layout(node)
             elif node.op in ("call_function", "call_method", "call_module"):
                 self.visit(node)
 
@@ -232,7 +236,7 @@ class Analysis:
             node.meta[LAYOUT] = self.element_layout(node)
             return
         if node not in self.activation and not sharded:
-            node.meta[LAYOUT] = self.own_layout(node, FULL) if self.dims(node) else REPLICATED_LAYOUT
+            node.meta[LAYOUT] = self.whole_layout(node)
             return
         if isinstance(value, torch.SymInt):
             if self.S in value.node.expr.free_symbols and sharded:
@@ -258,7 +262,7 @@ class Analysis:
         parent_layouts = layout_of(parent)
         if isinstance(parent_layouts, tuple):
             return parent_layouts[index]
-        return self.own_layout(node, FULL) if self.dims(node) else REPLICATED_LAYOUT
+        return self.whole_layout(node)
 
 
 def analyse(gm: fx.GraphModule, seq: SeqSymbol) -> Analysis:

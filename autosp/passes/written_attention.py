@@ -31,8 +31,9 @@ from torch import fx
 from autosp.collectives import kv_repeats
 from autosp.passes import ops
 from autosp.passes.attention import REPEAT, unrepeated
-from autosp.passes.layout import (FULL, HEADS, LAYOUT, REPLICATED_LAYOUT, RULE, SHARDED, VALUE_OF, SeqLayout,
-                                  example_value, layout_of, refuse, seq_dims, stands_for)
+from autosp.passes.layout import (FULL, HEADS, RULE, SHARDED, VALUE_OF, SeqLayout, example_value, layout_of,
+                                  refuse, seq_dims, stands_for)
+from autosp.passes.rules import getitem_dims
 
 REGION = "autosp_written_attention"  # node.meta of the scores, the body and the output: its Region
 SIDE = "autosp_written_attention_side"  # node.meta: feeds only a region (built whole, never chunked)
@@ -190,7 +191,7 @@ def side_layout(an, node, sharded):
     value = example_value(node)
     if isinstance(value, (tuple, list)) or not isinstance(value, torch.Tensor):
         return None
-    return an.own_layout(node, FULL) if an.dims(node) else REPLICATED_LAYOUT
+    return an.whole_layout(node)
 
 
 def visit(an, node, sharded) -> SeqLayout:
@@ -249,7 +250,6 @@ def _check_body_op(node, region) -> None:
         source = example_value(node.args[0])
         if isinstance(source, (tuple, list)):
             return  # an element of (values, indices)
-        from autosp.passes.rules import getitem_dims
         expanded, dims = getitem_dims(node)
         if any(it is None for it in expanded) or dims[d] != slice(None):
             raise refuse(node, "inside attention written out, it indexes the heads dim")
