@@ -97,9 +97,10 @@ def _bytes(n):
 
 
 def _kinds(counts: dict) -> str:
-    """all-to-alls/all-reduces, and all-gathers when there are any ("+4ag")."""
-    gathers = counts.get("all_gather", 0)
-    return f"{counts.get('all_to_all', 0)}/{counts.get('all_reduce', 0)}" + (f"+{gathers}ag" if gathers else "")
+    """all-to-alls/all-reduces, and all-gathers and halo exchanges when there are any ("+4ag+4h")."""
+    gathers, halos = counts.get("all_gather", 0), counts.get("halo", 0)
+    return (f"{counts.get('all_to_all', 0)}/{counts.get('all_reduce', 0)}" + (f"+{gathers}ag" if gathers else "")
+            + (f"+{halos}h" if halos else ""))
 
 
 def _accounting_cells(c, memory_column: bool, compile_column: bool) -> tuple:

@@ -14,6 +14,8 @@ the eager path (``autosp.multimodal``) alike.
   within Ulysses blocks too, keys and values gathered over the blocks, group sum, gather with a
   reduce-scatter backward; ``head_chunk``, a rank's heads of a per-head value; ``attention_to_seq``,
   the all-to-all after an attention whose output is held once) and the eager helpers.
+- ``halo``: a chunk with the positions before and after it that a convolution along the
+  sequence reads, sent by the ranks holding them.
 """
 from autosp.collectives.groups import (WORLD, check_device, collective_counts, count, group_key,
                                        reset_collective_counts, resolve_group)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from dataclasses import dataclass
 
 import sympy
@@ -86,13 +87,18 @@ def layout_of(node) -> SeqLayout:
     return node.meta.get(LAYOUT, REPLICATED_LAYOUT) if isinstance(node, fx.Node) else REPLICATED_LAYOUT
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def source_line(node) -> str:
-    """The model's own source line for a node (last frame of its stack trace)."""
+    """The model's own source line for a node: the last frame of its stack trace outside torch
+    (an ``nn.Conv1d``'s op is called in torch's conv.py, from the model's line)."""
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     frames = [i for i, line in enumerate(trace) if line.strip().startswith("File ")]
     if not frames:
         return "<unknown source>"
-    i = frames[-1]
+    own = [i for i in frames if _TORCH_DIR not in trace[i]]
+    i = (own or frames)[-1]
     code = trace[i + 1].strip() if i + 1 < len(trace) else ""
     return f"{trace[i].strip()}: {code}"
 

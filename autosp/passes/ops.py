@@ -103,6 +103,8 @@ EMBEDDING = {F.embedding, torch.embedding}
 NORMS = {F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm}
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 CROSS_ENTROPY = {F.cross_entropy}
+CONV1D = {torch.conv1d, F.conv1d}  # along the sequence: rules.convolution, the halo pass
+PAD = {torch._C._nn.pad, F.pad}  # zeros along the sequence: rules.padding, the halo pass
 # Calls with no tensor result that the analysis can ignore.
 SIDE_EFFECTS = {torch._C._set_grad_enabled, torch._C._log_api_usage_once}
 

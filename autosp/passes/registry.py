@@ -15,6 +15,7 @@ from autosp.masked_attention import DEFAULT_BLOCK_ELEMENTS
 from autosp.passes.attention import attention
 from autosp.passes.checkpoints import inline_checkpoints, tag_checkpoints
 from autosp.passes.context import PassContext
+from autosp.passes.halo import halo
 from autosp.passes.layout import SEQ_LEN, VALUE_OF, analyse, find_sequence
 from autosp.passes.loss import loss
 from autosp.passes.outputs import outputs
@@ -36,6 +37,7 @@ PASSES: dict[str, Callable[[PassContext], None]] = {
     "random_draws": random_draws,
     "shard_inputs": shard_inputs,
     "local_sizes": local_sizes,
+    "halo": halo,
     "attention": attention,
     "written_attention": written_attention,
     "loss": loss,

@@ -12,7 +12,7 @@ from torch import fx
 
 from autosp.errors import OutputNeedsOtherRanks
 from autosp.passes import ops
-from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, call_arg, example_value,
+from autosp.passes.layout import (REPLICATED_LAYOUT, RULE, SHARDED, SeqLayout, call_arg, example_value, is_sharded,
                                   layout_of, linear_coeffs, refuse, seq_dims, size_expr)
 
 SEVERAL_DIMS = ("it has the sequence on several dims (like a [S, S] mask or attention scores); only "
@@ -26,6 +26,10 @@ def apply(an, node, sharded) -> SeqLayout:
         return sdpa(an, node)
     if node.target in ops.CROSS_ENTROPY:
         return cross_entropy(an, node)
+    if node.target in ops.CONV1D and sharded:
+        return convolution(an, node)
+    if node.target in ops.PAD and sharded:
+        return padding(an, node, value)
     if isinstance(value, (tuple, list)):  # split, chunk, unbind, topk...: one layout per result
         layouts = []
         for element in value:
@@ -206,10 +210,11 @@ def _keeps_length(node, expanded, d) -> bool:
     return False
 
 
-def _getitem_tail(node) -> int:
-    """How many trailing positions a slice of the sequence drops (0 for a full slice)."""
+def _getitem_tail(node, d: int | None = None) -> int:
+    """How many trailing positions a slice of the sequence (on dim ``d``, else its input's) drops
+    (0 for a full slice, or for no slice of the positions)."""
     src = node.args[0]
-    d = layout_of(src).dim
+    d = layout_of(src).dim if d is None else d
     item = _getitem_seq_item(node, d)
     if item is None or item.stop is None:
         return 0
@@ -231,13 +236,27 @@ def seq_reduction(an, node) -> SeqLayout:
             node.meta[RULE] = "seq_sum"
             return REPLICATED_LAYOUT
     if key is operator.getitem:
-        if all(user.op == "output" for user in node.users):  # kept for the caller, read by nothing here
+        if _kept_for_the_caller(node):
             raise OutputNeedsOtherRanks(refuse(node, "it picks positions of the sequence for an output nothing "
-                                                     "in the step reads (as HF's sliding-window KV cache keeps "
-                                                     "the last ones; use_cache=False builds none)").args[0])
+                                                     "in the step reads (as HF's sliding-window KV cache and its "
+                                                     "convolution states keep the last ones; use_cache=False "
+                                                     "builds none)").args[0])
         raise refuse(node, "it picks positions of the sequence (e.g. last-token or class-token "
                            "pooling): not supported on a sharded sequence")
     raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")
+
+
+def _kept_for_the_caller(node) -> bool:
+    """Whether ``node`` only reaches graph outputs: returned itself, or copied into a buffer that
+    only the outputs read (HF's ``conv_states[i].copy_(states[..., -K:])``)."""
+    for user in node.users:
+        if user.op == "output":
+            continue
+        copy = user.op == "call_method" and user.target == "copy_" and user.args[1:2] == (node,)
+        if not copy or not all(u.op == "output" for u in user.users) or \
+                not all(u is user or u.op == "output" for u in user.args[0].users):
+            return False
+    return True
 
 
 def sdpa(an, node) -> SeqLayout:
@@ -278,3 +297,80 @@ def cross_entropy(an, node) -> SeqLayout:
         out_dim = lay.dim if lay.dim == 0 else lay.dim - 1
         return SeqLayout(SHARDED, out_dim, lay.inner, lay.length)
     return REPLICATED_LAYOUT
+
+
+HALO = "autosp_halo"  # (left, right) positions a convolution reads past a rank's chunk
+
+
+def convolution(an, node) -> SeqLayout:
+    """``conv1d`` along the sequence (its length dim), stride 1: a rank's outputs are its own
+    positions' once it holds the ``left`` positions before its chunk and the ``right`` after it
+    (``autosp::halo``, inserted by the ``halo`` pass). Its input may be a zero ``F.pad`` of the
+    sequence (a causal conv written as pad, then conv). Its outputs past the input's length (a
+    causal conv padded on both sides) may only be cut off."""
+    x, weight, bias = node.args[0], call_arg(node, 1, "weight"), call_arg(node, 2, "bias")
+    before, after = x.meta[HALO] if x.meta.get(RULE) == "conv_pad" else (0, 0)
+    x = x.args[0] if x.meta.get(RULE) == "conv_pad" else x
+    lay, nd = layout_of(x), example_value(x).dim()
+    if any(isinstance(t, fx.Node) and (is_sharded(layout_of(t)) or an.dims(t)) for t in (weight, bias)):
+        raise refuse(node, "its weight or bias carries the sequence")
+    if lay.state != SHARDED or lay.dim != nd - 1 or lay.inner != 1 or lay.length is None:
+        raise refuse(node, "the sequence is not the convolution's length dim (its last)")
+    stride, dilation, padding = (call_arg(node, i, n, d) for i, n, d in
+                                 ((3, "stride", 1), (5, "dilation", 1), (4, "padding", 0)))
+    stride, dilation = _single(stride), _single(dilation)
+    if stride != 1:
+        raise refuse(node, f"a stride of {stride} along the sequence (a rank's outputs are its positions' only "
+                           "at stride 1)")
+    reach = dilation * (int(example_value(weight).shape[-1]) - 1)
+    if padding == "same":
+        pad_left = reach // 2  # torch puts the odd position on the right
+        pad_right = reach - pad_left
+    else:
+        pad_left = pad_right = 0 if padding == "valid" else _single(padding)
+    left, pad_right = pad_left + before, pad_right + after
+    right = reach - left
+    if right < 0:
+        raise refuse(node, f"it pads {left} positions before the sequence, past its kernel's {reach + 1}")
+    _cut_off(node, pad_right - right, nd - 1, "convolution")
+    node.meta[RULE], node.meta[HALO] = "halo", (left, right)
+    return SeqLayout(SHARDED, nd - 1, 1, lay.length + pad_right - right)
+
+
+def padding(an, node, value) -> SeqLayout:
+    """``F.pad`` with zeros along the sequence: into the convolution reading it (``convolution``)
+    or, alone, ``a`` zeros before and ``b`` after (negative: positions cut off), so that position
+    i holds position i - a: a token shift (``F.pad(x, (0, 0, 1, -1))``). Both become halos."""
+    x, pad = node.args[0], call_arg(node, 1, "pad")
+    mode, fill = call_arg(node, 2, "mode", "constant"), call_arg(node, 3, "value", None)
+    lay, nd = layout_of(x), example_value(x).dim()
+    pair = 2 * (nd - 1 - lay.dim)  # F.pad's pairs run from the last dim backwards
+    if len(pad) <= pair or pad[pair] == pad[pair + 1] == 0:
+        return positional(an, node, lay.dim, value)
+    if mode != "constant" or fill not in (None, 0, 0.0) or lay.inner != 1 or lay.length is None:
+        raise refuse(node, f"it pads the sequence with {mode} {fill} (only zeros are sharded, by the neighbours' "
+                           "positions)")
+    a, b = pad[pair], pad[pair + 1]
+    if not (isinstance(a, int) and isinstance(b, int)) or any(pad[:pair] + pad[pair + 2:]):
+        raise refuse(node, f"it pads the sequence by {pad[pair:pair + 2]} and other dims too")
+    if lay.dim == nd - 1 and a >= 0 and b >= 0 and node.users and all(
+            u.target in ops.CONV1D and u.args[0] is node for u in node.users):
+        node.meta[RULE], node.meta[HALO] = "conv_pad", (a, b)
+        return SeqLayout(SHARDED, lay.dim, 1, lay.length + a + b)
+    _cut_off(node, a + b, lay.dim, "padding")
+    node.meta[RULE], node.meta[HALO] = "shift", (a, b)
+    return SeqLayout(SHARDED, lay.dim, 1, lay.length + a + b)
+
+
+def _cut_off(node, extra: int, d: int, what: str) -> None:
+    """``node``'s last ``extra`` positions, past its input's end, must be cut off by every user
+    (a rank holds the positions of the input's length only)."""
+    for user in node.users if extra > 0 else ():
+        if not (user.target is operator.getitem and _getitem_tail(user, d) >= extra):
+            raise refuse(user, f"it reads the {what}'s last {extra} outputs, past the sequence's end (only "
+                               "cutting them off, as a causal convolution does, is sharded)")
+
+
+def _single(value):
+    """An int conv argument given as an int or a one-element tuple."""
+    return value[0] if isinstance(value, (tuple, list)) and len(value) == 1 else value

@@ -27,7 +27,9 @@ Collectives (``collectives``)
       P) and L positions; k and v with ``Hkv'`` heads: ``Hkv`` when P divides it, P when Hkv
       divides P (each rank gets the kv head of its query heads), otherwise ``Hq'`` (plain
       repetition; also whenever P does not divide H, as the padded heads then straddle groups);
-    * 1 all-reduce of the loss (its numel x itemsize; no collective in the backward).
+    * 1 all-reduce of the loss (its numel x itemsize; no collective in the backward);
+    * per ``conv1d`` or zero ``F.pad`` along the sequence (recorded too), one halo exchange each
+      way: the positions of a rank's chunk other ranks' outputs read, and their gradients back.
 
     Bytes are counted the same way on both sides: autosp counts the bytes handed to each
     collective (numel x itemsize of the send buffer), the minimum the bytes of the same buffers,

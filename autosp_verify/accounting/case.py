@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from autosp_verify.accounting.compile_time import compile_times
-from autosp_verify.accounting.minimum import bytes_sent, ulysses_minimum
+from autosp_verify.accounting.minimum import bytes_sent, halo_minimum, ulysses_minimum
 from autosp_verify.accounting.probe import NAME
 from autosp_verify.accounting.saved import baseline_saved, classify
 
@@ -30,6 +30,8 @@ def _handed(counts: dict) -> int:
 
 def _collectives(spec, ref_data, rank_data):
     minimum = ulysses_minimum(ref_data.get("sdpa", []), ref_data.get("loss_bytes"), spec.world_size)
+    for kind, n in halo_minimum(ref_data.get("convs", []), spec.world_size).items():
+        minimum[kind] = minimum.get(kind, 0) + n
     out = {"minimum": {**{k: v for k, v in minimum.items() if not k.endswith("_bytes")},
                        "bytes_sent": bytes_sent(minimum, spec.world_size),
                        "bytes_handed": _handed(minimum)},

@@ -41,6 +41,26 @@ def ulysses_minimum(sdpa_calls: list, loss_bytes: int | None, world_size: int, u
     return counts
 
 
+def halo_minimum(convs: list, world_size: int) -> dict:
+    """What convolutions and zero pads along the sequence need at least: each rank sends the positions of its
+    chunk that other ranks' outputs read, and in the backward their gradients come back: per
+    convolution one exchange each way; bytes of the rank that sends most."""
+    P, sent = world_size, [0] * world_size
+    if P < 2 or not convs:
+        return {}
+    overlap = lambda a, b: max(0, min(a[1], b[1]) - max(a[0], b[0]))  # noqa: E731
+    for c in convs:
+        L = -(-c["seq_len"] // P)
+        chunk = lambda q: (q * L, q * L + L)  # noqa: E731
+        window = lambda q: (q * L - c["left"], q * L + L + c["right"])  # noqa: E731  (what q's outputs read)
+        for r in range(P):
+            read_of_mine = sum(overlap(window(q), chunk(r)) for q in range(P) if q != r)
+            mine_read = sum(overlap(window(r), chunk(q)) for q in range(P) if q != r)
+            sent[r] += (read_of_mine + mine_read) * c["position_bytes"]
+    worst = max(sent)
+    return {"halo": 2 * len(convs), "halo_bytes": worst, "sent_bytes": worst}
+
+
 def bytes_sent(counts: dict, world_size: int) -> float:
     """Bytes a rank sends to the other ranks: ``sent_bytes`` where autosp's runtime counted them,
     else from the bytes handed to collectives by kind (impls whose collectives torch logged)."""

@@ -13,15 +13,18 @@ NAME = "accounting"
 
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_CONVS = {torch.conv1d, F.conv1d}
+_PADS = {F.pad, torch._C._nn.pad}
 
 
 class _SDPARecorder(TorchFunctionMode):
     """Every attention: SDPA's calls, and attention written out (``q @ k^T`` over the sequence on
     both sides, then ``@ v``; or the same as einsums), recorded as the SDPA call it stands for."""
 
-    def __init__(self, calls: list, seq_len: int):
+    def __init__(self, calls: list, seq_len: int, convs: list | None = None):
         super().__init__()
-        self.calls, self.seq_len = calls, seq_len
+        self.calls, self.seq_len, self.convs = calls, seq_len, convs
+        self.pads = {}  # id of a zero-padded sequence -> (its record, the tensor: kept alive), until a conv reads it
         self.scores = None  # (q, k, heads label or None) in SDPA's layout, until the values come
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -36,6 +39,20 @@ class _SDPARecorder(TorchFunctionMode):
                 self._attended(b)
         elif func is torch.einsum:
             self._einsum(args)
+        elif func in _CONVS and self.convs is not None and args:
+            padded = self.pads.pop(id(args[0]), (None, None))[0]
+            call = _conv_call(args, kwargs, self.seq_len, padded["pad"] if padded else (0, 0))
+            if call:
+                if padded:  # a causal conv written as pad, then conv: one halo
+                    self.convs.remove(padded)
+                self.convs.append(call)
+        elif func in _PADS and self.convs is not None and args:
+            out = func(*args, **kwargs)
+            call = _pad_call(args, kwargs, self.seq_len)
+            if call:
+                self.convs.append(call)
+                self.pads[id(out)] = (call, out)
+            return out
         return func(*args, **kwargs)
 
     def _attended(self, v):
@@ -61,6 +78,38 @@ class _SDPARecorder(TorchFunctionMode):
         elif self.scores is not None and self.scores[2] is not None and self.scores[2] in labels[1] \
                 and len(seq[1]) == 1:
             self._attended(_as_sdpa(operands[1], labels[1], seq[1][0], self.scores[2]))
+
+
+def _conv_call(args, kwargs, seq_len: int, pad=(0, 0)) -> dict | None:
+    """A ``conv1d`` along the sequence (its last dim; ``pad``: the zeros an ``F.pad`` put before and
+    after it), stride 1: the positions each output reads before and after its own (from the
+    padding, dilation and kernel), and a position's bytes."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation")
+    given = {**dict(zip(names, args)), **kwargs}
+    x, weight = given.get("input"), given.get("weight")
+    single = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or x.shape[-1] != seq_len + sum(pad) \
+            or single(given.get("stride", 1)) != 1:  # activations only: labels, masks are padded whole
+        return None
+    reach = single(given.get("dilation", 1)) * (weight.shape[-1] - 1)
+    padding = given.get("padding", 0)
+    left = pad[0] + (reach // 2 if padding == "same" else 0 if padding == "valid" else single(padding))
+    return {"seq_len": seq_len, "left": left, "right": max(0, reach - left),
+            "position_bytes": x.numel() // x.shape[-1] * x.element_size()}
+
+
+def _pad_call(args, kwargs, seq_len: int) -> dict | None:
+    """``F.pad`` with (a, b) zeros along a dim of the sequence's length: position i reads i - a."""
+    x, pad = args[0], args[1] if len(args) > 1 else kwargs.get("pad", ())
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or mode != "constant":  # labels: padded whole
+        return None
+    for i in range(min(len(pad) // 2, x.dim())):
+        a, b = pad[2 * i], pad[2 * i + 1]
+        if x.shape[x.dim() - 1 - i] == seq_len and (a or b):
+            return {"seq_len": seq_len, "left": max(a, 0), "right": max(-a, 0), "pad": (a, b),
+                    "position_bytes": x.numel() // seq_len * x.element_size()}
+    return None
 
 
 def _as_sdpa(t, labels: str, seq: str, split: str):
@@ -95,13 +144,13 @@ class Accounting(Probe):
 
     def before(self, model, ctx):
         self.exclude = _storages([*model.parameters(), *model.buffers()])
-        self.saved, self.compiled, self.sdpa, self.loss_bytes = None, False, [], None
+        self.saved, self.compiled, self.sdpa, self.convs, self.loss_bytes = None, False, [], [], None
         self.autosp_step = None
 
     def wrap_reference(self, run):
         def recorded(*args, **kwargs):
             self._inputs(args, kwargs)
-            with _SDPARecorder(self.sdpa, self.spec.seq_len):
+            with _SDPARecorder(self.sdpa, self.spec.seq_len, self.convs):
                 return run(*args, **kwargs)
         return recorded
 
@@ -135,7 +184,7 @@ class Accounting(Probe):
     def collect(self):
         data = {"saved": self.saved, "compiled": self.compiled}
         if self.on_reference:
-            data.update(sdpa=self.sdpa, loss_bytes=self.loss_bytes)
+            data.update(sdpa=self.sdpa, convs=self.convs, loss_bytes=self.loss_bytes)
         elif self.autosp_step is not None:
             import autosp
             config = getattr(self.autosp_step, "config", None)

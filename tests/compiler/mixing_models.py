@@ -137,7 +137,7 @@ class MixingLM(nn.Module):
         super().__init__()
         self.kind = kind
         self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.conv = nn.Conv1d(HIDDEN, HIDDEN, 3, padding=1)
+        self.conv = nn.Conv1d(HIDDEN, HIDDEN, 3, padding=1, padding_mode="circular")  # the first reads the last
         self.head = nn.Linear(HIDDEN, VOCAB)
 
     def forward(self, input_ids, labels):

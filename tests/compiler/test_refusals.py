@@ -8,7 +8,7 @@ from autosp_verify import verify
 
 from .mixing_models import MIXERS, MixingLM, inputs_fn
 
-OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "conv1d",
+OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "pad",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
             "roll": "roll", "min_over_seq": "min", "addmm_over_seq": "addmm",
             "repeat_along_seq": "repeat"}
