@@ -89,13 +89,13 @@ def _source(node: fx.Node) -> str:
 
 
 def _seq_of(node: fx.Node, full_len):
-    """(dim, inner, length) of a sequence-sharded node, from the layout the passes annotated."""
+    """(dim, inner, length, S) of a sequence-sharded node, from the layout the passes annotated."""
     from autosp.passes.layout import LAYOUT, SHARDED
     lay = node.meta.get(LAYOUT)
     if getattr(lay, "state", None) != SHARDED or lay.dim is None or full_len is None:  # (tuples: per item)
         return None
     length = lay.length.subs({s: full_len for s in lay.length.free_symbols})
-    return (lay.dim, lay.inner, int(length))
+    return (lay.dim, lay.inner, int(length), full_len)
 
 
 class _Interpreter(fx.Interpreter):
@@ -245,15 +245,19 @@ def _along(values, dim, inner, length):
 
 
 def _whole(values, ref, seq):
-    """Shards -> one tensor shaped like ``ref``, or None when the shapes do not say how."""
+    """(shards -> one tensor, the reference it is compared with), or None when the shapes do not
+    say how. Positions past the sequence's end that no rank holds (a causal convolution's last
+    outputs, which the model cuts off) are left out of both."""
     if seq is not None:
-        dim, inner, length = seq
+        dim, inner, length, full_len = seq
         held = sum(v.shape[dim] for v in values) // inner
-        if held < length:
+        kept = length if held >= length or inner != 1 or ref.shape[dim] != length else max(held, full_len)
+        if held < kept:
             raise ShardsShort(dim, held, length)
         try:
-            whole = _along(values, dim, inner, length)
-            return whole if whole.shape == ref.shape else None
+            whole = _along(values, dim, inner, kept)
+            ref = ref.narrow(dim, 0, kept) if kept < length else ref
+            return (whole, ref) if whole.shape == ref.shape else None
         except RuntimeError:
             return None
     if any(v.dim() != ref.dim() for v in values):
@@ -264,7 +268,7 @@ def _whole(values, ref, seq):
         if wide:
             sizes = [[ref.shape[d] if d in wide else n for d, n in enumerate(v.shape)] for v in values]
             whole = _concatenated([v.expand(*size) for v, size in zip(values, sizes)], ref)
-    return whole
+    return None if whole is None else (whole, ref)
 
 
 def _concatenated(values, ref):
@@ -300,10 +304,10 @@ def _check(name, values, ref, seq, tol, grads):
             return each  # replicated: every rank holds the whole value
         return check_tensor(name, sum(v.double() for v in values), ref, tol)  # summed over ranks
     try:
-        whole = _whole(values, ref, seq)
+        put_together = _whole(values, ref, seq)
     except ShardsShort as short:
         return TensorCheck(name, abs_err=math.inf, rel_err=math.inf, passed=False, problem=str(short))
-    return None if whole is None else check_tensor(name, whole, ref, tol)
+    return None if put_together is None else check_tensor(name, *put_together, tol)
 
 
 def _describe(entry, check, values, ref, phase, last_match):

@@ -4,7 +4,7 @@ autosp/passes/halo.py). Exact against one device at the fewest bytes; the op its
 zero-padded sequence; what a halo cannot make positional refused with its line; ranks padding
 their own chunks caught by the verifier."""
 import functools
-import itertools
+import os
 
 import pytest
 import torch
@@ -70,13 +70,27 @@ def test_what_a_halo_cannot_make_positional_is_refused_with_its_line(mixer, why)
     assert why in result.error and "conv_models.py" in result.error, result.error
 
 
-def test_negative_control_ranks_padding_their_own_chunks_fail(monkeypatch):
+def test_negative_control_ranks_padding_their_own_chunks_fail_at_the_convolution(monkeypatch):
     """Each rank given zeros for its neighbours' positions (a convolution sharded as if each chunk
-    were the sequence): the verifier fails it."""
+    were the sequence): the verifier fails it, and its first divergence is the convolution's value
+    (compared on the positions the ranks hold: its last outputs, past the end, are cut off)."""
     def zeros(x, sent, received, group):
         return x.new_zeros((sum(received), *x.shape[1:]))
     monkeypatch.setattr(halo, "_exchange", zeros)
-    assert _verify(CausalConv, 2).status == "fail"
+    result = _verify(CausalConv, 2)
+    assert result.status == "fail"
+    first = result.first_divergence
+    assert first["op"] == "conv1d" and "rel err" in first["message"], first
+
+
+def test_a_later_error_is_not_blamed_on_a_causal_convolution():
+    """The halos right and the loss left each rank's own mean (broken): the first divergence is the
+    loss. 2 x 7 positions held of the convolution's 15 (its last 2 past the sequence, cut off by
+    the model): the convolution itself matches."""
+    result = _verify(CausalConv, 2, impl=f"{os.path.dirname(__file__)}/../verify/broken_autosp.py:per_rank_loss")
+    assert result.status == "fail"
+    assert result.first_divergence["op"] != "conv1d", result.first_divergence
+    assert any(t["op"] == "conv1d" and t["rel_err"] == 0 for t in result.divergence_trace), result.divergence_trace
 
 
 def _halo_rank(ctx, payload):

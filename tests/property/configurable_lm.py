@@ -6,7 +6,9 @@ padding mask, positions passed or built from ``arange`` inside the model, RoPE, 
 and the HF-5 shifted-label loss; or
 bidirectional attention (no mask, or padding only); and a KV cache the forward builds but never
 reads (``use_cache=True`` in a training forward); through SDPA, or written out (matmuls, a
-masked_fill or an additive causal mask, softmax), as HF's eager kernels.
+masked_fill or an additive causal mask, softmax), as HF's eager kernels; and a short causal
+convolution along the sequence before attention (LFM2's, Mamba's: padded on both sides, its tail
+cut off), or zero-padded before it, or a "same" one in an encoder.
 """
 from dataclasses import dataclass
 
@@ -28,6 +30,8 @@ class LMConfig:
     causal: bool = True  # False: bidirectional (an encoder): is_causal=False, or a mask of padding only
     cache: bool = False  # True: keys and values concatenated onto an empty cache, as HF's DynamicCache
     written: bool = False  # True: attention written out (q @ k^T, mask, softmax, @ v), as HF's eager kernels
+    conv: int = 0  # > 0: a depthwise convolution of this kernel along the sequence before attention
+    conv_pad_first: bool = False  # the convolution's padding as an F.pad before it
 
     @property
     def hidden(self):
@@ -52,10 +56,27 @@ class Block(nn.Module):
         self.o = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
         self.gate_up = nn.Linear(c.hidden, 4 * c.hidden, bias=False)
         self.down = nn.Linear(2 * c.hidden, c.hidden, bias=False)
+        if c.conv:
+            self.conv = nn.Conv1d(c.hidden, c.hidden, c.conv, groups=c.hidden)
+
+    def mix(self, h):
+        """The convolution along the sequence: causal (its tail cut off) or, in an encoder, "same"."""
+        c, S, w = self.c, h.shape[1], self.conv.weight
+        h = h.transpose(1, 2)
+        if c.conv_pad_first:
+            before = c.conv - 1 if c.causal else (c.conv - 1) // 2
+            y = F.conv1d(F.pad(h, (before, c.conv - 1 - before)), w, self.conv.bias, groups=c.hidden)
+        elif c.causal:
+            y = F.conv1d(h, w, self.conv.bias, padding=c.conv - 1, groups=c.hidden)[..., :S]
+        else:
+            y = F.conv1d(h, w, self.conv.bias, padding="same", groups=c.hidden)
+        return y.transpose(1, 2)
 
     def forward(self, x, positions, mask):
         c, (B, S, _) = self.c, x.shape
         h = self.norm1(x)
+        if c.conv:
+            h = h + self.mix(h)
         q = self.q(h).view(B, S, c.heads, c.head_dim).transpose(1, 2)
         k, v = self.kv(h).view(B, S, 2 * c.kv_heads, c.head_dim).transpose(1, 2).chunk(2, dim=1)
         q, k = _rope(q, positions), _rope(k, positions)

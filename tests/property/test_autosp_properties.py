@@ -1,7 +1,7 @@
 """Property: for every architecture and shape drawn, autosp on P threaded ranks matches one device
 (loss, logits, every gradient) within the per-dtype tolerance: causal or bidirectional, with or
 without a mask, with or without a KV cache built in the forward, attention through SDPA or written
-out.
+out, with or without a convolution along the sequence before it.
 
 Values are built, not filtered: query heads are a multiple of the kv heads; P need not divide the
 query heads (padded heads) nor the sequence length (padded sequence), and may exceed the query
@@ -27,7 +27,8 @@ def cases(draw):
                       layers=draw(st.integers(1, 2)), vocab=VOCAB,
                       gqa_in_sdpa=draw(st.booleans()), kv_broadcast=draw(st.booleans()),
                       explicit_mask=draw(st.booleans()),
-                      causal=draw(st.booleans()), cache=draw(st.booleans()), written=draw(st.booleans()))
+                      causal=draw(st.booleans()), cache=draw(st.booleans()), written=draw(st.booleans()),
+                      conv=draw(st.sampled_from([0, 0, 2, 3, 5])), conv_pad_first=draw(st.booleans()))
     return dict(config=config, world_size=world_size, seq_len=draw(st.integers(2, 3 * world_size + 3)),
                 batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([torch.float64, torch.float32])),
                 positions=draw(st.booleans()), padding_mask=draw(st.booleans()), seed=draw(st.integers(0, 3)))
