@@ -9,35 +9,37 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import transformers
 
 import autosp
 from autosp.collectives import group_key, halo
 from autosp_verify import verify
+from autosp_verify.model_file import load_model_file
 from autosp_verify.simulators import get_simulator
 
 from .conv_models import (CausalConv, ConvLM, LeftPadConv, LookAhead, PadReadPastTheEnd, ReflectPad, SameConv,
                           StridedConv, TokenShift, inputs_fn)
-from .test_default_configs import causal_inputs
 
 
-def _verify(mixer, world_size, impl="autosp-eager", **kwargs):
+EAGER = "autosp-eager"
+
+
+def _verify(mixer, world_size, impl=EAGER, **kwargs):
     return verify(functools.partial(ConvLM, mixer, **kwargs), inputs_fn, impl=impl, dtype=torch.float64,
                   world_size=world_size, seq_len=13)
 
 
-@pytest.mark.parametrize("mixer, kwargs, world_size", [
-    (CausalConv, {}, 2),
-    (CausalConv, {"kernel": 7}, 8),  # chunks of 2: the halo reaches three ranks back
-    (CausalConv, {"dilation": 2}, 4),
-    (SameConv, {}, 4),  # reads after too, into the last rank's padding
-    (LeftPadConv, {}, 4),
-    (TokenShift, {"shift": 3}, 8),
-    (LookAhead, {}, 2),
+@pytest.mark.parametrize("mixer, kwargs, world_size, impl", [
+    (CausalConv, {}, 2, "autosp"),  # through AOTAutograd: the op's fake and autograd traced
+    (CausalConv, {"kernel": 7}, 8, EAGER),  # chunks of 2: the halo reaches three ranks back
+    (CausalConv, {"dilation": 2}, 4, EAGER),
+    (SameConv, {}, 4, EAGER),  # reads after too, into the last rank's padding
+    (LeftPadConv, {}, 4, "autosp"),
+    (TokenShift, {"shift": 3}, 8, EAGER),
+    (LookAhead, {}, 2, EAGER),
 ], ids=lambda v: getattr(v, "__name__", None) or str(v))
-def test_convolutions_and_shifts_along_the_sequence_are_exact_at_the_minimum_bytes(mixer, kwargs, world_size):
+def test_convolutions_and_shifts_along_the_sequence_are_exact_at_the_minimum_bytes(mixer, kwargs, world_size, impl):
     before = autosp.COUNTERS["halo"]
-    result = _verify(mixer, world_size, **kwargs)
+    result = _verify(mixer, world_size, impl, **kwargs)
     assert result.passed, (result.status, result.error, result.failures[:5])
     collectives = result.accounting["collectives"]
     assert collectives["at_minimum"], collectives  # each rank sends exactly the positions others read
@@ -45,16 +47,16 @@ def test_convolutions_and_shifts_along_the_sequence_are_exact_at_the_minimum_byt
     assert autosp.COUNTERS["halo"] > before
 
 
-def test_lfm2_as_loaded_is_exact_through_aot_autograd():
-    """LFM2 (short convs and attention) with its config's defaults: its convolution cache cannot be
-    kept (the last positions), so autosp builds none, with a warning, and shards the rest."""
-    config = transformers.Lfm2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2,
-                                     layer_types=["conv", "full_attention", "conv", "full_attention"])
-    assert config.use_cache
+@pytest.mark.parametrize("impl", ["autosp-eager", pytest.param("autosp", marks=pytest.mark.slow)])
+def test_lfm2_as_loaded_is_exact(impl):
+    """LFM2 (short convolutions and attention) with its config's defaults (lfm2_model.py): its
+    convolution cache cannot be kept (the last positions), so autosp builds none, with a warning,
+    and shards the rest. Through AOTAutograd under ``make test-all`` (the ConvLM cases above in
+    the default run)."""
+    lfm2 = load_model_file(os.path.join(os.path.dirname(__file__), "lfm2_model.py"))
+    assert lfm2.model_fn().config.use_cache
     with pytest.warns(UserWarning, match="convolution states"):
-        result = verify(lambda: transformers.Lfm2ForCausalLM(config).train(), causal_inputs, impl="autosp",
-                        dtype=torch.float64, world_size=4, seq_len=13)
+        result = verify(lfm2.model_fn, lfm2.inputs_fn, impl=impl, dtype=torch.float64, world_size=4, seq_len=13)
     assert result.passed, (result.status, result.error, result.failures[:5])
     assert result.accounting["collectives"]["measured"]["halo"] == 4
 

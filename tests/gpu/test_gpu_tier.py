@@ -4,6 +4,7 @@ reason, where there are too few GPUs, so the CPU suite and CI collect and skip t
 - N >= 2 GPUs: the verifier on the nccl simulator, one rank per GPU, at P = N and every power of
   two below it, on the bundled HF Llama in float32 and bfloat16 (the tolerance table's entries),
   impls ``autosp`` and ``autosp-inductor``, at a length P divides and one it does not.
+- >= 2 GPUs: LFM2 (short convolutions: halo exchanges) at P = 2, float32 and bfloat16.
 - >= 1 GPU: one table: P = 1 compiled through the passes on the GPU (a world group of size 1
   over NCCL) and autosp-wrap on LLaVA, each against the uncompiled model on the same GPU, then
   tokens/s and peak memory with and without the passes; and the same cases at P = 2 on CPU over
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.gpu
 
 FIXTURES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "fixtures"))
 HF_LLAMA, HF_LLAVA = os.path.join(FIXTURES, "hf_llama.py"), os.path.join(FIXTURES, "hf_llava.py")
+LFM2 = os.path.join(os.path.dirname(__file__), "..", "compiler", "lfm2_model.py")
 DTYPES = ["float32", "bfloat16"]  # their tolerances: autosp_verify.compare.TOLERANCES
 IMPLS = ["autosp", "autosp-inductor"]
 SEQ_LENS = (16, 13)  # one every P here divides, one none does
@@ -56,6 +58,17 @@ def test_hf_llama_on_nccl(world_size, impl, dtype):
     for seq_len in SEQ_LENS:
         r = verify_file(HF_LLAMA, impl=impl, simulator="nccl", world_size=world_size, seq_len=seq_len,
                         dtype=dtype, timeout=TIMEOUT)
+        assert r.status == "pass", (seq_len, r.status, r.error, r.failures[:5])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lfm2_halos_on_nccl(dtype):
+    """LFM2 as loaded (short convolutions: halos sent with uneven split sizes, on NCCL) at P = 2."""
+    _skip_unless(2)
+    for seq_len in SEQ_LENS:
+        r = verify_file(LFM2, impl="autosp", simulator="nccl", world_size=2, seq_len=seq_len, dtype=dtype,
+                        timeout=TIMEOUT)
         assert r.status == "pass", (seq_len, r.status, r.error, r.failures[:5])
 
 
