@@ -16,8 +16,8 @@ VOCAB = 128
 
 def model_fn():
     config = Lfm2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"],
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, layer_types=["conv", "full_attention"],
         attn_implementation="sdpa",
     )
     return Lfm2ForCausalLM(config).float().train()
