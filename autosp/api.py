@@ -107,6 +107,21 @@ def hf_warnings_ignored():
     return torch._dynamo.config.patch(ignore_logging_functions=ignored | {warning_once})
 
 
+def install_hf_output_hooks(module) -> None:
+    """transformers installs its output-capturing hooks (router logits, hidden states) at a
+    model's first forward that asks for them, under a ``threading.Lock`` Dynamo cannot trace (a
+    graph break: Mixtral with ``output_router_logits=True``). Installed here before tracing, as that
+    first forward would install them (the same hooks, once)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # no transformers, or one without output capturing
+        return
+    for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+        if isinstance(sub, PreTrainedModel):
+            maybe_install_capturing_hooks(sub)  # the first marks the models inside it: the rest return
+
+
 class CompiledSP:
     """The callable ``autosp.compile`` returns. Every rank calls it with the full batch."""
 
@@ -124,6 +139,7 @@ class CompiledSP:
 
     def _for_group(self, key: str, size: int):
         if key not in self._compiled:
+            install_hf_output_hooks(getattr(self.model, "__self__", self.model))
             backend = backend_for(self.config, size, key)
             self._compiled[key] = torch.compile(self.model, backend=backend, **self._compile_kwargs)
         return self._compiled[key]

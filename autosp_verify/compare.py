@@ -20,6 +20,7 @@ of a parameter that does not reach the loss. The CLI may override both (``--rtol
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -129,8 +130,10 @@ def check_loss(ref: torch.Tensor, rank_losses: dict, tol: Tolerance) -> TensorCh
     return _worst(checks, "loss", problem)
 
 
-def check_output(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -> TensorCheck:
-    """Replicated (every rank has the reference shape) or sharded along the one dim that differs."""
+def check_output(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance, batch: int = 1) -> TensorCheck:
+    """Replicated (every rank has the reference shape) or sharded along the one dim that differs:
+    the ranks' parts in rank order, or, where that differs from the reference, as ``batch`` rows
+    of each rank's positions flattened together (``[B * S, E]``: HF's MoE router logits)."""
     missing = [r for r, t in per_rank.items() if t is None]
     if missing:
         return TensorCheck(name, problem=f"missing on rank(s) {missing}")
@@ -150,7 +153,12 @@ def check_output(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -
     if tuple(whole.shape) != tuple(ref.shape):
         return TensorCheck(name, problem=f"shards along dim {dim} concatenate to {tuple(whole.shape)}, "
                                          f"reference {tuple(ref.shape)}")
-    return check_tensor(name, whole, ref, tol)
+    check = check_tensor(name, whole, ref, tol)
+    if check.passed or check.problem or batch < 2 or any(t.shape[dim] % batch for t in per_rank.values()):
+        return check
+    rows = [t.detach().cpu().unflatten(dim, (batch, -1)) for t in per_rank.values()]
+    batch_major = check_tensor(name, torch.cat(rows, dim + 1).flatten(dim, dim + 1), ref, tol)
+    return batch_major if batch_major.passed else check
 
 
 def check_grad(name: str, ref: torch.Tensor, per_rank: dict, tol: Tolerance) -> TensorCheck:
@@ -206,11 +214,11 @@ class Comparison:
         return [c.describe() for c in failing]
 
 
-def compare(ref, ranks: list, tol: Tolerance, computes_in: torch.dtype | None = None) -> Comparison:
+def compare(ref, ranks: list, tol: Tolerance, computes_in: torch.dtype | None = None, batch: int = 1) -> Comparison:
     """``ref``: a Reference (loss, outputs, grads); ``ranks``: each rank's result dict, in rank order;
     ``computes_in``: a dtype coarser than the case's that the model computes in (precision.py): a
     tensor failing the case's tolerance by its numbers alone is held to that dtype's instead (and
-    marked ``coarser``)."""
+    marked ``coarser``); ``batch``: the case's, for outputs that flatten it with the sequence."""
     by_rank = dict(enumerate(ranks))
     coarse = None if computes_in is None or tol.explicit else _for_tensor(tol, computes_in)
 
@@ -222,7 +230,8 @@ def compare(ref, ranks: list, tol: Tolerance, computes_in: torch.dtype | None = 
         again.coarser = str(computes_in).removeprefix("torch.") if again.passed else ""
         return again if again.passed else result
     loss = checked(check_loss, ref.loss, {r: res["loss"] for r, res in by_rank.items()})
-    outputs = [checked(check_output, n, t, {r: res["outputs"].get(n) for r, res in by_rank.items()})
+    outputs = [checked(functools.partial(check_output, batch=batch), n, t,
+                       {r: res["outputs"].get(n) for r, res in by_rank.items()})
                for n, t in ref.outputs.items()]
     grads = [checked(check_grad, n, g, {r: res["grads"].get(n) for r, res in by_rank.items()})
              for n, g in ref.grads.items()]

@@ -236,7 +236,7 @@ def _run_case(spec, inputs_fn, simulator, timeout, rtol, atol, diagnose, account
 def _record_comparison(result, ref, later_refs, ranks, tol, computes_in):
     """Step 1 against its reference (the numbers the table shows), then every later step (its
     failures, prefixed with the step); returns step 1's comparison."""
-    cmp = compare(ref, ranks, tol, computes_in)
+    cmp = compare(ref, ranks, tol, computes_in, result.batch)
     worst, grad = cmp.worst, cmp.worst_grad
     result.status = "pass" if cmp.passed else "fail"
     result.loss_abs_err = cmp.loss.abs_err
@@ -247,7 +247,7 @@ def _record_comparison(result, ref, later_refs, ranks, tol, computes_in):
     result.tensors = [{"name": c.name, "abs_err": c.abs_err, "rel_err": c.rel_err, "passed": c.passed}
                       for c in cmp.checks]
     for number, later_ref in enumerate(later_refs, 2):
-        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol, computes_in)
+        step_cmp = compare(later_ref, [r["later"][number - 2] for r in ranks], tol, computes_in, result.batch)
         if not step_cmp.passed:
             result.status = "fail"
             result.failures += [f"step {number} (other inputs, the same prepared step): {f}"

@@ -90,6 +90,8 @@ DIM_METHODS = {
 # max/min of two tensors are elementwise (``torch.maximum``), of one a reduction (DIM_* above).
 MAX_MIN = {torch.max, torch.min, "max", "min"}
 SEQ_SUM_REDUCTIONS = {torch.sum, torch.mean, "sum", "mean"}
+HISTC = {torch.histc, "histc"}  # counts over the sequence: rules.seq_reduction, the loss pass
+SCATTER_ADD = {torch.scatter_add, "scatter_add", "scatter_add_"}  # into a value without the sequence: the same
 
 LINEAR = {F.linear, torch._C._nn.linear}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}

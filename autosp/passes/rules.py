@@ -229,6 +229,15 @@ def seq_reduction(an, node) -> SeqLayout:
     key = node.target
     if node.op == "call_method" and key in ops.FRESH_METHODS:
         return REPLICATED_LAYOUT  # sizes without the sequence: nothing of the chunk is read
+    if key in ops.HISTC:
+        lo, hi = call_arg(node, 2, "min", 0), call_arg(node, 3, "max", 0)
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or lo >= hi:
+            raise refuse(node, "a histogram of the sequence over the range of its values (min == max): each "
+                               "rank's chunk has its own range; give min and max")
+        node.meta[RULE] = "seq_histc"  # a count over the sequence (HF's MoE load-balancing loss)
+        return REPLICATED_LAYOUT
+    if key in ops.SCATTER_ADD:
+        return _scatter_add(an, node)
     if key in ops.SEQ_SUM_REDUCTIONS:
         src = node.args[0]
         acting = ops.acting_dims(node, example_value(src).dim())
@@ -244,6 +253,23 @@ def seq_reduction(an, node) -> SeqLayout:
         raise refuse(node, "it picks positions of the sequence (e.g. last-token or class-token "
                            "pooling): not supported on a sharded sequence")
     raise refuse(node, "it reduces or mixes values along the sequence and has no sequence-parallel rule")
+
+
+def _scatter_add(an, node) -> SeqLayout:
+    """``dest.scatter_add(dim, index, src)`` of values carrying the sequence along ``dim`` into a
+    ``dest`` without it (HF's MoE load-balancing loss counts the unmasked tokens per expert): a
+    sum over the sequence, each rank's positions scattered, summed over the group."""
+    dest, dim, index, src = (call_arg(node, i, n) for i, n in enumerate(("self", "dim", "index", "src")))
+    nd = example_value(index).dim() if isinstance(index, fx.Node) else 0
+    along = lambda t: isinstance(t, fx.Node) and layout_of(t).dim is not None and \
+        layout_of(t).dim == dim % max(nd, 1)  # noqa: E731
+    if not isinstance(dest, fx.Node) or an.dims(dest) or not (along(index) and along(src)):
+        raise refuse(node, "it scatters along the sequence into a value that carries it, or reads the sequence "
+                           "off the scattered dim")
+    if node.op == "call_method" and node.target == "scatter_add_" and len(dest.users) > 1:
+        raise refuse(node, "it adds into a value that other ops read too")
+    node.meta[RULE] = "seq_scatter_add"
+    return REPLICATED_LAYOUT
 
 
 def _kept_for_the_caller(node) -> bool:

@@ -20,7 +20,8 @@ from autosp.passes.ops import is_relayout, is_view
 
 
 def _consumes_shards(node) -> bool:
-    return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum") or is_sharded(layout_of(node))
+    return node.meta.get(RULE) in ("sdpa", "cross_entropy", "seq_sum", "seq_scatter_add") or \
+        is_sharded(layout_of(node))
 
 
 def _same_value(node):
@@ -43,6 +44,8 @@ def shard_inputs(ctx) -> None:
             continue
         rule = node.meta.get(RULE)
         keep_full = {call_arg(node, 3, "attn_mask")} if rule == "sdpa" else set()
+        if rule == "seq_scatter_add":  # sharded as its index is, element for element (loss.py)
+            keep_full = {call_arg(node, 3, "src")}
         pad_value = 0.0
         target = call_arg(node, 1, "target") if rule == "cross_entropy" else None
         for src in node.all_input_nodes:

@@ -39,6 +39,47 @@ def test_hf_mixture_of_experts_is_exact(family):
     assert autosp.COUNTERS["token_wise_modules"] > before
 
 
+def _padded(batch, seq_len, generator):
+    inputs = causal_inputs(batch, seq_len, generator)
+    inputs["attention_mask"] = torch.ones(batch, seq_len, dtype=torch.long)
+    inputs["attention_mask"][0, -3:] = 0  # right padding on the first row
+    return inputs
+
+
+def _router_loss_case(family="Mixtral", inputs=causal_inputs):
+    """``output_router_logits=True``: HF adds its load-balancing loss, which counts each expert's
+    tokens over the whole sequence (``histc``; with a padding mask, ``scatter_add`` of the mask),
+    and returns every layer's router logits ([B * S, experts])."""
+    config = getattr(transformers, f"{family}Config")(**TINY, **MOE[family], output_router_logits=True)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    return verify(lambda: model_class(config).train(), inputs, impl="autosp-eager", dtype=torch.float32,
+                  world_size=2, seq_len=13)
+
+
+@pytest.mark.parametrize("inputs", [causal_inputs, _padded], ids=["histc", "padding-mask"])
+def test_the_load_balancing_loss_counts_every_ranks_tokens_once(inputs):
+    before = {k: autosp.COUNTERS[k] for k in ("seq_histc", "seq_scatter_add")}
+    result = _router_loss_case(inputs=inputs)
+    assert result.passed, (result.status, result.error, result.failures[:5])
+    assert "aux_loss" in {t["name"] for t in result.tensors}  # compared, as are the router logits
+    counted = "seq_histc" if inputs is causal_inputs else "seq_scatter_add"
+    assert autosp.COUNTERS[counted] > before[counted]
+
+
+def test_negative_control_each_ranks_own_expert_counts_fail(monkeypatch):
+    """The tokens per expert counted on each rank's chunk alone (no sum over the group)."""
+    from autosp.passes import loss
+
+    def own_counts(ctx, node):
+        node.meta.pop("autosp_rule")
+    monkeypatch.setattr(loss, "_seq_histc", own_counts)
+    torch._dynamo.reset()  # compiled again, through the broken pass
+    try:
+        assert _router_loss_case().status == "fail"
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.fixture
 def registered():
     names = []
