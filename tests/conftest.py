@@ -12,6 +12,9 @@ settings.register_profile("ci", max_examples=15, derandomize=True, database=None
 settings.register_profile("nightly", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core already: torch's own threads would only contend
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _many_compiles_in_one_process():

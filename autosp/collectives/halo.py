@@ -27,7 +27,7 @@ class _Plan:
 
     def __init__(self, rank: int, world_size: int, local_len: int, left: int, right: int):
         L, r = local_len, rank
-        self.rank, self.local_len, self.left, self.right = rank, local_len, left, right
+        self.rank, self.local_len = rank, local_len
         self.sends: dict[int, tuple[int, int]] = {}  # peer -> (first, end) offsets in this chunk
         self.receives: dict[int, int] = {}  # peer -> positions from it
         reach = lambda n, q: max(0, min(L, n - (abs(q - r) - 1) * L))  # noqa: E731  (positions of a chunk q away)
@@ -43,8 +43,8 @@ class _Plan:
         self.zeros_before = max(0, left - r * L)  # positions before the sequence's start
         self.zeros_after = max(0, right - (world_size - 1 - r) * L)  # past the last chunk
 
-    def splits(self, counts: dict, world_size: int) -> list[int]:
-        return [counts.get(q, 0) for q in range(world_size)]
+    def sent(self) -> dict[int, int]:
+        return {q: b - a for q, (a, b) in self.sends.items()}
 
     def valid(self, x: Tensor, length: int) -> Tensor:
         """``x`` (this chunk, sequence on dim 0) with its positions at or past ``length`` zeroed."""
@@ -54,13 +54,15 @@ class _Plan:
         return torch.cat([x[:keep], x.new_zeros((self.local_len - keep, *x.shape[1:]))])
 
 
-def _exchange(x: Tensor, sent: list[int], received: list[int], group) -> Tensor:
-    """Positions (dim 0 of ``x``) to each rank by ``sent``, from each by ``received``."""
+def _exchange(x: Tensor, sent: dict, received: dict, group) -> Tensor:
+    """Positions (dim 0 of ``x``, in rank order) to each rank by ``sent``, from each by ``received``
+    ({rank: positions}; nothing to or from the others)."""
     x = x.contiguous()
     check_device(x, group, "halo")
-    out = x.new_empty((sum(received), *x.shape[1:]))
+    splits = lambda counts: [counts.get(q, 0) for q in range(dist.get_world_size(group))]  # noqa: E731
+    out = x.new_empty((sum(received.values()), *x.shape[1:]))
     count("halo", x, x.numel() * x.element_size())
-    dist.all_to_all_single(out, x, output_split_sizes=received, input_split_sizes=sent, group=group)
+    dist.all_to_all_single(out, x, output_split_sizes=splits(received), input_split_sizes=splits(sent), group=group)
     return out
 
 
@@ -75,9 +77,8 @@ def halo(x: Tensor, dim: int, left: int, right: int, length: int, group: str, wo
     (zeros outside the sequence's ``length`` positions): ``left + L + right`` positions."""
     pg, plan = _plan(x.shape[dim], left, right, group, world_size)
     own = plan.valid(x.movedim(dim, 0), length)
-    sent = [own[a:b] for a, b in (plan.sends[q] for q in sorted(plan.sends))]
-    got = _exchange(torch.cat(sent) if sent else own[:0], plan.splits({q: b - a for q, (a, b) in plan.sends.items()},
-                    world_size), plan.splits(plan.receives, world_size), pg)
+    sent = [own[a:b] for _, (a, b) in sorted(plan.sends.items())]
+    got = _exchange(torch.cat(sent) if sent else own[:0], plan.sent(), plan.receives, pg)
     before = sum(n for q, n in plan.receives.items() if q < plan.rank)
     zeros = lambda n: own.new_zeros((n, *own.shape[1:]))  # noqa: E731
     parts = [zeros(plan.zeros_before), got[:before], own, got[before:], zeros(plan.zeros_after)]
@@ -100,8 +101,7 @@ def halo_grad(grad: Tensor, dim: int, left: int, right: int, length: int, group:
     g = grad.movedim(dim, 0)
     own = g[left:left + n].clone()
     halos = torch.cat([g[plan.zeros_before:left], g[left + n:left + n + right - plan.zeros_after]])
-    back = _exchange(halos, plan.splits(plan.receives, world_size),
-                     plan.splits({q: b - a for q, (a, b) in plan.sends.items()}, world_size), pg)
+    back = _exchange(halos, plan.receives, plan.sent(), pg)
     at = 0
     for q in sorted(plan.sends):
         a, b = plan.sends[q]

@@ -77,7 +77,7 @@ def test_negative_control_ranks_padding_their_own_chunks_fail_at_the_convolution
     were the sequence): the verifier fails it, and its first divergence is the convolution's value
     (compared on the positions the ranks hold: its last outputs, past the end, are cut off)."""
     def zeros(x, sent, received, group):
-        return x.new_zeros((sum(received), *x.shape[1:]))
+        return x.new_zeros((sum(received.values()), *x.shape[1:]))
     monkeypatch.setattr(halo, "_exchange", zeros)
     result = _verify(CausalConv, 2)
     assert result.status == "fail"
