@@ -70,13 +70,11 @@ def _cross_entropy(ctx, node) -> None:
 def _seq_sum(ctx, node) -> None:
     g = ctx.graph
     src = node.args[0]
-    lay = layout_of(src)
     shape = example_value(src).shape
     dims = ops.acting_dims(node, len(shape))
     reduced = range(len(shape)) if dims is None else dims
     with g.inserting_before(node):
-        masked = g.call_function(MASK, (src, lay.dim, lay.inner, ctx.full_size(lay.length),
-                                         ctx.local_len(), ctx.group))
+        masked = _masked(ctx, src)
         target = "sum" if node.op == "call_method" else torch.sum
         local = g.create_node(node.op, target, (masked, *node.args[1:]), dict(node.kwargs))
         total = g.call_function(GROUP_SUM, (local, ctx.group))
@@ -94,12 +92,9 @@ def _seq_histc(ctx, node) -> None:
     moved below ``min`` (left out), the counts summed over the group."""
     g = ctx.graph
     src = node.args[0]
-    lay = layout_of(src)
     lo = call_arg(node, 2, "min", 0)
     with g.inserting_before(node):
-        ones = g.call_function(torch.ones_like, (src,))
-        valid = g.call_function(MASK, (ones, lay.dim, lay.inner, ctx.full_size(lay.length), ctx.local_len(),
-                                       ctx.group))
+        valid = _masked(ctx, g.call_function(torch.ones_like, (src,)), layout_of(src))
         kept = g.call_function(torch.where, (g.call_function(torch.ne, (valid, 0)), src, lo - 1))
         local = g.create_node(node.op, node.target, (kept, *node.args[1:]), dict(node.kwargs))
         total = g.call_function(GROUP_SUM, (local, ctx.group))
@@ -109,8 +104,9 @@ def _seq_histc(ctx, node) -> None:
     ctx.counters["all_reduce"] += 1
 
 
-def _masked(ctx, value):
-    lay = layout_of(value)
+def _masked(ctx, value, lay=None):
+    """``value`` (a chunk, laid out as ``lay`` or its own layout) with its padding positions zeroed."""
+    lay = lay or layout_of(value)
     return ctx.graph.call_function(MASK, (value, lay.dim, lay.inner, ctx.full_size(lay.length), ctx.local_len(),
                                           ctx.group))
 

@@ -66,6 +66,10 @@ def _addmm_over_seq(h):
     return h + torch.addmm(h.new_zeros(HIDDEN), h[0].t(), h[0]).sum()  # [H, S] @ [S, H]: contracts S
 
 
+def _histogram_over_its_own_range(h):
+    return h + torch.histc(h[..., 0], bins=4).sum()  # min == max: the range of the values each rank holds
+
+
 def _repeat_along_seq(h):
     return h + h.repeat(1, 2, 1)[:, 1::2]  # two copies end to end, every other position: mixes them
 
@@ -73,7 +77,7 @@ def _repeat_along_seq(h):
 MIXERS = {"group_norm": _group_norm, "cumsum": _cumsum, "last_token": _last_token, "conv1d": _conv,
           "eager_attention": _eager_attention, "sort": _sort, "flip": _flip, "gather": _gather,
           "roll": _roll, "min_over_seq": _min_over_seq, "addmm_over_seq": _addmm_over_seq,
-          "repeat_along_seq": _repeat_along_seq}
+          "repeat_along_seq": _repeat_along_seq, "histc_own_range": _histogram_over_its_own_range}
 
 
 def _sdpa_dropout(h):

@@ -11,7 +11,7 @@ from .mixing_models import MIXERS, MixingLM, inputs_fn
 OP_NAMES = {"group_norm": "group_norm", "cumsum": "cumsum", "last_token": "getitem", "conv1d": "pad",
             "eager_attention": "matmul", "sort": "sort", "flip": "flip", "gather": "gather",
             "roll": "roll", "min_over_seq": "min", "addmm_over_seq": "addmm",
-            "repeat_along_seq": "repeat"}
+            "repeat_along_seq": "repeat", "histc_own_range": "histc"}
 
 
 def _compile_for(kind, world_size):
